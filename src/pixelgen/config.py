@@ -1,0 +1,142 @@
+"""Configuration as data: the packaged base YAML is both the defaults and the schema.
+
+A job's config = base.yaml, then the user's `--config FILE` merged over it, then each `--set key.sub=value`.
+Unknown keys and values of the wrong type raise ConfigError naming the key, before any work starts.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from .errors import ConfigError
+
+# Keys whose default is null, and the type a non-null value must have.
+NULLABLE_TYPES: dict[str, type | tuple[type, ...]] = {
+    "model.patch_size": int,
+    "model.proj_dropout": float,
+    "loss.repa_block": int,
+    "loss.repa_hidden": int,
+    "encoders.dino_input_size": int,
+    "encoders.weights_dir": str,
+}
+
+
+def base_config() -> dict:
+    """The packaged defaults (a fresh copy each call)."""
+    text = resources.files("pixelgen").joinpath("configs/base.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def _check_value(key: str, value: Any, default: Any) -> Any:
+    """Return `value` if it has the default's type (ints widen to floats), else raise ConfigError."""
+    if default is None:
+        if value is None:
+            return None
+        want = NULLABLE_TYPES.get(key)
+        if want is None:
+            return value
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, want) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' must be null or {getattr(want, '__name__', want)}, got {value!r}")
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, str):
+        if isinstance(value, str):
+            return value
+    elif isinstance(default, list):
+        if isinstance(value, list) and len(value) == len(default):
+            return [_check_value(f"{key}[{i}]", v, d) for i, (v, d) in enumerate(zip(value, default))]
+        if isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list of {len(default)} values, got {value!r}")
+    elif isinstance(default, dict):
+        if isinstance(value, dict):
+            return merge(default, value, prefix=key + ".")
+    raise ConfigError(
+        f"config key '{key}' must be {_type_name(default)} (like the default {default!r}), got {value!r}"
+    )
+
+
+def merge(base: dict, override: dict, prefix: str = "") -> dict:
+    """`override` merged over `base`, checking every key and type against `base`."""
+    out = copy.deepcopy(base)
+    if not isinstance(override, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {override!r}")
+    for key, value in override.items():
+        full = f"{prefix}{key}"
+        if key not in base:
+            known = ", ".join(sorted(base)) if isinstance(base, dict) else ""
+            raise ConfigError(f"unknown config key '{full}' (known here: {known})")
+        out[key] = _check_value(full, value, base[key])
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'loss.gate=0.6' -> (['loss', 'gate'], 0.6); the value is parsed as YAML, so 'null', '[0.1, 0.9]' work."""
+    if "=" not in item:
+        raise ConfigError(f"--set '{item}' must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set '{item}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:
+    """Apply `--set key.sub=value` items, validated like a config file."""
+    for item in overrides:
+        path, value = parse_override(item)
+        nested: Any = value
+        for part in reversed(path):
+            nested = {part: nested}
+        config = merge(config, nested)
+    return config
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict:
+    """Resolve a job's config: base, then the YAML file at `path` (if any), then `overrides`."""
+    config = base_config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path} (pass an existing YAML file to --config)")
+        try:
+            user = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+        config = merge(config, user)
+    return apply_overrides(config, overrides)
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; for logging params."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -1,0 +1,104 @@
+"""Frozen perceptual encoders: LPIPS (VGG16 backbone) and DINOv2 patch features.
+
+Weights come only from the weights directory (see weights.py). With `random_init=True` the networks are
+randomly initialised and `real` is False, which every caller must carry into its labels.
+Images come in as (B, 3, H, W) in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import weights
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Frozen(nn.Module):
+    """A module that stays in eval mode with no gradient to its own weights (gradients still flow to inputs)."""
+
+    def freeze(self) -> "Frozen":
+        self.requires_grad_(False)
+        return self.train(False)
+
+    def train(self, mode: bool = True) -> "Frozen":
+        # a parent's .train() must not switch dropout/batch-norm on inside a frozen encoder
+        return super().train(False)
+
+
+class LPIPS(Frozen):
+    """LPIPS v0.1 with the VGG16 backbone; returns one distance per sample, shape (B,)."""
+
+    def __init__(self, random_init: bool = False, weights_dir: str | Path | None = None):
+        super().__init__()
+        import lpips
+
+        # The linear heads (v0.1) ship inside the lpips package; the VGG16 backbone comes from our weights dir,
+        # never from a download: pnet_rand=True builds VGG16 without fetching torchvision's weights.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            self.net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+        self.real = not random_init
+        if not random_init:
+            path = weights.weight_path("vgg16", weights_dir)
+            self.real = weights.is_published("vgg16", path)
+            self._load_vgg(torch.load(path, map_location="cpu", weights_only=True))
+        self.freeze()
+
+    def _load_vgg(self, state: dict) -> None:
+        # lpips keeps torchvision's layer indices inside slice1..slice5, so features.{i} maps to slice*.{i}
+        features = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+        for slice_ in (self.net.net.slice1, self.net.net.slice2, self.net.net.slice3, self.net.net.slice4,
+                       self.net.net.slice5):
+            own = {f"{idx}.{name}": p for idx, mod in slice_.named_children() for name, p in mod.state_dict().items()}
+            slice_.load_state_dict({k: features[k] for k in own})
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.net(a, b, normalize=False).flatten(1).mean(1)
+
+
+class DINOFeatures(Frozen):
+    """Patch-token features of a DINOv2 ViT (timm), from chosen blocks, after the final norm."""
+
+    def __init__(self, model_name: str = "vit_base_patch14_dinov2", input_size: int = 224, random_init: bool = False,
+                 weights_dir: str | Path | None = None):
+        super().__init__()
+        import timm
+
+        self.input_size = input_size
+        kwargs = dict(pretrained=False, num_classes=0, img_size=input_size)
+        self.real = False
+        if not random_init:
+            if model_name != "vit_base_patch14_dinov2":
+                from .errors import ConfigError
+
+                raise ConfigError(f"encoders.dino_model '{model_name}' has no weight file; real weights exist for "
+                                  f"vit_base_patch14_dinov2 only (or set encoders.random_init=true)")
+            path = weights.weight_path("dinov2-b", weights_dir)
+            # timm resamples the position embedding from the file's 518 px grid to input_size
+            kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+            self.real = weights.is_published("dinov2-b", path)
+        self.net = timm.create_model(model_name, **kwargs)
+        self.depth = len(self.net.blocks)
+        self.embed_dim = self.net.embed_dim
+        self.patch_size = self.net.patch_embed.patch_size[0]
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.freeze()
+
+    @property
+    def grid(self) -> int:
+        return self.input_size // self.patch_size
+
+    def forward(self, images: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+        """(B, 3, H, W) in [-1, 1] -> [(B, grid*grid, embed_dim) for each 1-based block in `layers`]."""
+        x = ((images.float() + 1) / 2 - self.mean) / self.std
+        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bicubic", align_corners=False)
+        return list(self.net.get_intermediate_layers(x, n=[layer - 1 for layer in layers], norm=True))

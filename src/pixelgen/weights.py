@@ -1,0 +1,204 @@
+"""Where pretrained weights live, how they get there once, and how to tell real from missing, corrupt or random.
+
+Nothing downloads at run time: `pixelgen weights fetch` fills the weights directory where a network exists,
+every loader reads only that directory, and a missing file is a one-line error naming the path and the fetch
+command. A file that loads but does not match the published checksum (for example random weights written by
+`pixelgen weights init-random` for tests) is usable, but everything made with it is labelled not comparable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import PixelgenError
+
+FETCH_HINT = "run `pixelgen weights fetch` on a machine with a network, or copy the file there by hand"
+SUMS_FILE = "SHA256SUMS"  # written by `weights fetch`: the digest of each file as downloaded
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    key: str          # short name used on the command line
+    filename: str
+    url: str
+    sha256_prefix: str | None  # published digest prefix (torchvision/torch-fidelity name their files by it)
+    what: str
+
+
+WEIGHT_FILES: dict[str, WeightFile] = {
+    w.key: w for w in [
+        WeightFile("vgg16", "vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth",
+                   "397923af", "VGG16 ImageNet backbone for LPIPS (torchvision state dict)"),
+        WeightFile("dinov2-b", "vit_base_patch14_dinov2.lvd142m.safetensors",
+                   "https://huggingface.co/timm/vit_base_patch14_dinov2.lvd142m/resolve/main/model.safetensors",
+                   None, "DINOv2 ViT-B/14 for REPA and P-DINO (timm safetensors)"),
+        WeightFile("inception", "weights-inception-2015-12-05-6726825d.pth",
+                   "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                   "weights-inception-2015-12-05-6726825d.pth",
+                   "6726825d", "FID Inception-v3 (torch-fidelity state dict)"),
+    ]
+}
+
+
+def weights_dir(configured: str | None = None) -> Path:
+    """The configured directory, else $PIXELGEN_WEIGHTS, else ~/.cache/pixelgen/weights."""
+    if configured:
+        return Path(configured).expanduser()
+    env = os.environ.get("PIXELGEN_WEIGHTS")
+    if env:
+        return Path(env).expanduser()
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "pixelgen" / "weights"
+
+
+def weight_path(key: str, directory: Path | str | None = None) -> Path:
+    """Path of a weight file that must exist; a clear PixelgenError when it does not."""
+    wf = WEIGHT_FILES[key]
+    path = weights_dir(str(directory) if directory else None) / wf.filename
+    if not path.is_file():
+        raise PixelgenError(f"missing {wf.what}: {path} not found; {FETCH_HINT} "
+                            f"(or set encoders.random_init=true for a test run)")
+    return path
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _recorded_sums(directory: Path) -> dict[str, str]:
+    sums = {}
+    path = directory / SUMS_FILE
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 2:
+                sums[parts[1]] = parts[0]
+    return sums
+
+
+def is_published(key: str, path: Path) -> bool:
+    """True when the file's digest matches the published prefix (or, lacking one, the digest recorded at fetch)."""
+    wf = WEIGHT_FILES[key]
+    digest = sha256(path)
+    if wf.sha256_prefix is not None:
+        return digest.startswith(wf.sha256_prefix)
+    return _recorded_sums(path.parent).get(wf.filename) == digest
+
+
+def check_loadable(key: str, path: Path) -> str | None:
+    """None if the file parses as the expected weights, else the reason it does not."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            import torch
+
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any parse failure means the file is unusable
+        return f"cannot be read ({type(err).__name__})"
+    expected = {"vgg16": "features.0.weight", "dinov2-b": "patch_embed.proj.weight", "inception": "Conv2d_1a_3x3.conv.weight"}
+    if not isinstance(state, dict) or expected[key] not in state:
+        return f"does not hold the expected tensors ({expected[key]} missing)"
+    return None
+
+
+def status(key: str, directory: Path) -> tuple[str, str]:
+    """('ok' | 'random' | 'missing' | 'corrupt', detail) for one weight file."""
+    path = directory / WEIGHT_FILES[key].filename
+    if not path.is_file():
+        return "missing", str(path)
+    problem = check_loadable(key, path)
+    if problem:
+        return "corrupt", f"{path} {problem}; delete it and {FETCH_HINT}"
+    if is_published(key, path):
+        return "ok", str(path)
+    return "random", f"{path} loads but is not the published file (metrics made with it are not comparable)"
+
+
+def all_published(keys, directory: Path) -> bool:
+    return all(status(k, directory)[0] == "ok" for k in keys)
+
+
+def fetch(key: str, directory: Path, progress: bool = True) -> Path:
+    """Download one weight file to `directory` atomically and check its digest."""
+    wf = WEIGHT_FILES[key]
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / wf.filename
+    tmp = target.with_suffix(target.suffix + ".part")
+    try:
+        with urllib.request.urlopen(wf.url, timeout=60) as response, open(tmp, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0)
+            from tqdm import tqdm
+
+            with tqdm(total=total, unit="B", unit_scale=True, desc=wf.filename, disable=not progress) as bar:
+                for block in iter(lambda: response.read(1 << 20), b""):
+                    out.write(block)
+                    bar.update(len(block))
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise PixelgenError(f"cannot download {wf.url} ({err.__class__.__name__}: {err}); "
+                            f"without a network, copy {wf.filename} into {directory} by hand") from None
+    digest = sha256(tmp)
+    if wf.sha256_prefix and not digest.startswith(wf.sha256_prefix):
+        tmp.unlink(missing_ok=True)
+        raise PixelgenError(f"downloaded {wf.filename} has sha256 {digest[:12]}..., expected {wf.sha256_prefix}...; "
+                            f"retry `pixelgen weights fetch`")
+    os.replace(tmp, target)
+    sums = _recorded_sums(directory)
+    sums[wf.filename] = digest
+    (directory / SUMS_FILE).write_text("".join(f"{d}  {n}\n" for n, d in sorted(sums.items())))
+    return target
+
+
+def init_random(directory: Path, keys=None, seed: int = 0) -> list[Path]:
+    """Write randomly initialised weights in the real files' formats (for tests and offline demos)."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for key in keys or list(WEIGHT_FILES):
+        target = directory / WEIGHT_FILES[key].filename
+        if key == "vgg16":
+            torch.save(torchvision.models.vgg16(weights=None).state_dict(), target)
+        elif key == "dinov2-b":
+            import timm
+            from safetensors.torch import save_file
+
+            net = timm.create_model("vit_base_patch14_dinov2", pretrained=False, num_classes=0)
+            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(target))
+        elif key == "inception":
+            torch.save(_random_inception_state(), target)
+        written.append(target)
+    return written
+
+
+def _random_inception_state() -> dict:
+    """The state dict of torch-fidelity's FID Inception-v3 as built, before any weights are loaded into it."""
+    import tempfile
+
+    import torch
+    from torch_fidelity import feature_extractor_inceptionv3 as fe
+
+    cls = fe.FeatureExtractorInceptionV3
+    original_load = cls.load_state_dict
+    # torch-fidelity loads weights inside __init__; skip that load so the layers keep their random init
+    cls.load_state_dict = lambda self, *args, **kwargs: None
+    try:
+        with tempfile.NamedTemporaryFile(suffix=".pth") as empty:
+            torch.save({}, empty.name)
+            net = cls("inception-v3-compat", ["2048"], feature_extractor_weights_path=empty.name)
+    finally:
+        cls.load_state_dict = original_load
+    return net.state_dict()

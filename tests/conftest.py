@@ -1,0 +1,31 @@
+import os
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def random_weights_dir(tmp_path_factory):
+    """A weights directory holding randomly initialised VGG16 and DINOv2-B in the real files' formats."""
+    from pixelgen import weights
+
+    directory = tmp_path_factory.mktemp("weights")
+    weights.init_random(directory, ["vgg16", "dinov2-b"], seed=0)
+    return directory
+
+
+@pytest.fixture(autouse=True)
+def _isolate_weights_env(monkeypatch, tmp_path):
+    # no test may read the user's real weights cache by accident
+    monkeypatch.setenv("PIXELGEN_WEIGHTS", str(tmp_path / "no-weights-here"))
+    torch.manual_seed(0)
+
+
+def small_config(**sections):
+    """A test config: random encoders and a cheap DINO input, overridable per section."""
+    from pixelgen.config import load_config
+
+    overrides = ["encoders.random_init=true"]
+    for section, values in sections.items():
+        overrides += [f"{section}.{k}={v}" for k, v in values.items()]
+    return load_config(overrides=overrides)

@@ -1,0 +1,34 @@
+import subprocess
+import sys
+
+import pytest
+
+SUBCOMMANDS = ["demo-data", "shard", "ref-stats", "train", "sample", "score", "report", "weights"]
+
+
+def run_cli(*args, env=None):
+    import os
+
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "pixelgen.cli", *args], capture_output=True, text=True, env=full_env)
+
+
+def test_help_lists_every_subcommand():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for name in SUBCOMMANDS:
+        assert name in result.stdout
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_every_subcommand_has_help(name):
+    result = run_cli(name, "--help")
+    assert result.returncode == 0 and "usage: pixelgen " + name in result.stdout
+
+
+def test_console_script_is_installed():
+    import shutil
+
+    exe = shutil.which("pixelgen")
+    assert exe, "pip install should put a `pixelgen` console script on PATH"
+    assert subprocess.run([exe, "--help"], capture_output=True).returncode == 0
