@@ -10,8 +10,6 @@ from .errors import PixelgenError
 
 # Subcommands whose issue has not landed yet: they say where they belong and exit 2.
 NOT_BUILT = {
-    "demo-data": ("write the built-in demo ImageFolder", "data (issue 4)"),
-    "shard": ("ImageFolder -> WebDataset shards + manifest", "data (issue 4)"),
     "ref-stats": ("reference Inception statistics of a shard set", "jobs: train/sample/score (issue 5)"),
     "train": ("train a model (resumable, DDP, MLflow)", "jobs: train/sample/score (issue 5)"),
     "sample": ("sample images from a checkpoint", "jobs: train/sample/score (issue 5)"),
@@ -64,6 +62,31 @@ def cmd_weights(args) -> int:
     return worst
 
 
+def cmd_demo_data(args) -> int:
+    from .demo_data import write_demo_dataset
+
+    counts = write_demo_dataset(Path(args.out), resolution=args.resolution, per_class=args.per_class,
+                                num_classes=args.classes, seed=args.seed, progress=not args.quiet)
+    print(f"wrote {sum(counts.values())} images in {len(counts)} classes to {args.out}")
+    return 0
+
+
+def cmd_shard(args) -> int:
+    from .shards import ShardSettings, build_shards
+
+    settings = ShardSettings(resolution=args.resolution, shard_size=args.shard_size, image_format=args.format,
+                             quality=args.quality, seed=args.seed)
+    manifest = build_shards(Path(args.src), Path(args.out), settings, workers=args.workers, strict=args.strict,
+                            progress=not args.quiet)
+    print(f"{manifest['num_samples']} images in {len(manifest['shards'])} shards -> {args.out}/manifest.json; "
+          f"{len(manifest['rejected'])} rejected")
+    for rejected in manifest["rejected"][:10]:
+        print(f"  rejected {rejected['path']}: {rejected['reason']}")
+    if len(manifest["rejected"]) > 10:
+        print(f"  ... and {len(manifest['rejected']) - 10} more (see manifest.json)")
+    return 0
+
+
 def cmd_not_built(args) -> int:
     what, area = NOT_BUILT[args.command]
     print(f"pixelgen {args.command}: not built yet ({what}; belongs to the {area} issue)", file=sys.stderr)
@@ -81,6 +104,35 @@ def build_parser() -> argparse.ArgumentParser:
         add_config_args(p)
         p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
         p.set_defaults(func=cmd_not_built)
+
+    d = sub.add_parser("demo-data", help="write the built-in demo ImageFolder (procedural, no download)",
+                       description="Write a small class-conditional ImageFolder (a coloured shape per class) that "
+                                   "needs no download; deterministic for a seed. Existing files are kept.")
+    d.add_argument("out", help="output folder (OUT/<class>/<image>.png)")
+    d.add_argument("--resolution", type=int, default=32, choices=[32, 64], help="image size (default 32)")
+    d.add_argument("--per-class", type=int, default=300, help="images per class (default 300)")
+    d.add_argument("--classes", type=int, default=10, help="number of classes, at most 10 (default 10)")
+    d.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_demo_data)
+
+    s = sub.add_parser("shard", help="ImageFolder -> WebDataset shards + manifest (ADM center crop, RGB)",
+                       description="Center-crop every image of an ImageFolder once (ADM: box halvings, bicubic, "
+                                   "center crop), convert to RGB and write WebDataset tar shards plus "
+                                   "OUT/manifest.json. Unreadable files are rejected and listed. Rerunning after "
+                                   "a kill finishes only the missing shards.")
+    s.add_argument("src", help="ImageFolder root: SRC/<class>/<image> (ImageNet's train folder works as is)")
+    s.add_argument("out", help="output folder for shard-*.tar and manifest.json")
+    s.add_argument("--resolution", type=int, required=True, help="output size in pixels (e.g. 256)")
+    s.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+    s.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
+    s.add_argument("--format", choices=["png", "jpeg", "npy"], default="png",
+                   help="png (lossless, default), jpeg (smaller, lossy) or npy (lossless raw pixels, fastest to read)")
+    s.add_argument("--quality", type=int, default=95, help="JPEG quality with --format jpeg (default 95)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the sample order (default 0)")
+    s.add_argument("--strict", action="store_true", help="stop at the first unreadable file instead of rejecting")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_shard)
 
     w = sub.add_parser("weights", help="fetch or check pretrained weights (VGG16, DINOv2-B, FID Inception)",
                        description="Pretrained weights live in one directory ($PIXELGEN_WEIGHTS, default "
