@@ -11,7 +11,6 @@ from .errors import PixelgenError
 # Subcommands whose issue has not landed yet: they say where they belong and exit 2.
 NOT_BUILT = {
     "ref-stats": ("reference Inception statistics of a shard set", "jobs: train/sample/score (issue 5)"),
-    "train": ("train a model (resumable, DDP, MLflow)", "jobs: train/sample/score (issue 5)"),
     "sample": ("sample images from a checkpoint", "jobs: train/sample/score (issue 5)"),
     "score": ("FID/IS/KID/precision/recall of samples", "jobs: train/sample/score (issue 5)"),
     "report": ("results tables, plots and grids", "workflow (issue 6)"),
@@ -87,6 +86,16 @@ def cmd_shard(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .train import train
+
+    config = load_config(args.config, args.overrides)
+    final = train(config, Path(args.run_dir), stop_at_step=args.stop_at_step, progress=not args.quiet)
+    print(f"done: {final}")
+    return 0
+
+
 def cmd_not_built(args) -> int:
     what, area = NOT_BUILT[args.command]
     print(f"pixelgen {args.command}: not built yet ({what}; belongs to the {area} issue)", file=sys.stderr)
@@ -133,6 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--strict", action="store_true", help="stop at the first unreadable file instead of rejecting")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_shard)
+
+    t = sub.add_parser("train", help="train a model (resumable: rerun the same command; DDP under torchrun)",
+                       description="Train one model. State lives in --run-dir: config.yaml, checkpoints/last.pt "
+                                   "(every train.ckpt_every steps and on SIGTERM) and checkpoints/final.pt. Rerunning "
+                                   "the same command resumes exactly. Multi-GPU: torchrun --nproc-per-node N "
+                                   "$(which pixelgen) train ...")
+    add_config_args(t)
+    t.add_argument("--run-dir", required=True, help="where config, checkpoints and sample grids go")
+    t.add_argument("--stop-at-step", type=int, help=argparse.SUPPRESS)  # tests: behave as if preempted here
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
 
     w = sub.add_parser("weights", help="fetch or check pretrained weights (VGG16, DINOv2-B, FID Inception)",
                        description="Pretrained weights live in one directory ($PIXELGEN_WEIGHTS, default "

@@ -23,6 +23,10 @@ NULLABLE_TYPES: dict[str, type | tuple[type, ...]] = {
     "loss.repa_hidden": int,
     "encoders.dino_input_size": int,
     "encoders.weights_dir": str,
+    "tracking.uri": str,
+    "tracking.variant": str,
+    "tracking.grid": str,
+    "tracking.parent_run_id": str,
 }
 
 

@@ -1,0 +1,195 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from jobs_helpers import fast_config, make_shards, pixelgen
+from pixelgen.config import load_config
+from pixelgen.errors import PixelgenError
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("train"))
+
+
+@pytest.fixture()
+def setup(tmp_path, shards):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return tmp_path, fast_config(tmp_path / "config.yaml", shards, uri), uri
+
+
+def states_equal(a: dict, b: dict) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for k in a:
+        x, y = a[k], b[k]
+        if isinstance(x, dict):
+            if not states_equal(x, y):
+                return False
+        elif isinstance(x, torch.Tensor):
+            if not torch.equal(x, y):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def test_stop_and_resume_is_bit_identical_to_an_uninterrupted_run(setup):
+    tmp, config, _ = setup
+    full = pixelgen("train", "--config", str(config), "--run-dir", str(tmp / "full"), "--quiet")
+    assert full.returncode == 0, full.stderr
+    stopped = pixelgen("train", "--config", str(config), "--run-dir", str(tmp / "resumed"), "--quiet",
+                       "--stop-at-step", "3")
+    assert stopped.returncode == 143 and "rerun" in stopped.stderr
+    assert torch.load(tmp / "resumed/checkpoints/last.pt", weights_only=False)["step"] == 3
+    assert not (tmp / "resumed/checkpoints/final.pt").exists()
+    resumed = pixelgen("train", "--config", str(config), "--run-dir", str(tmp / "resumed"), "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    a = torch.load(tmp / "full/checkpoints/final.pt", weights_only=False)
+    b = torch.load(tmp / "resumed/checkpoints/final.pt", weights_only=False)
+    assert a["step"] == b["step"] == 6
+    assert states_equal(a["model"], b["model"]) and states_equal(a["ema"]["shadow"], b["ema"]["shadow"])
+    assert states_equal(a["projector"], b["projector"])
+    assert a["data"] == b["data"]
+    # and training did move the weights
+    assert not torch.equal(a["model"]["final.linear.weight"], torch.zeros_like(a["model"]["final.linear.weight"]))
+    # rerunning a finished run does nothing
+    again = pixelgen("train", "--config", str(config), "--run-dir", str(tmp / "full"), "--quiet")
+    assert again.returncode == 0 and "training is done" in again.stderr
+
+
+def test_checkpoint_holds_everything_for_a_resume(setup):
+    tmp, config, _ = setup
+    assert pixelgen("train", "--config", str(config), "--run-dir", str(tmp / "r"), "--quiet",
+                    "--set", "train.steps=2").returncode == 0
+    ckpt = torch.load(tmp / "r/checkpoints/last.pt", weights_only=False)
+    assert {"model", "ema", "optimizer", "projector", "step", "rng", "data", "config"} <= set(ckpt)
+    assert {"python", "numpy", "torch", "generator"} <= set(ckpt["rng"][0])
+    assert ckpt["data"]["batches_consumed"] == 2 and ckpt["config"]["train"]["steps"] == 2
+    assert (tmp / "r/config.yaml").exists() and (tmp / "r/samples/final.png").exists()
+    assert not list((tmp / "r/checkpoints").glob(".*tmp*"))  # atomic writes leave no temp files
+
+
+def test_resume_with_another_config_is_refused(setup):
+    tmp, config, _ = setup
+    assert pixelgen("train", "--config", str(config), "--run-dir", str(tmp / "r"), "--quiet",
+                    "--stop-at-step", "2").returncode == 143
+    result = pixelgen("train", "--config", str(config), "--run-dir", str(tmp / "r"), "--quiet",
+                      "--set", "train.lr=0.001")
+    assert result.returncode == 1 and "train.lr" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_sigterm_saves_and_a_rerun_resumes(setup):
+    tmp, config, _ = setup
+    run = tmp / "preempted"
+    proc = subprocess.Popen([sys.executable, "-m", "pixelgen.cli", "train", "--config", str(config),
+                             "--run-dir", str(run), "--quiet", "--set", "train.steps=400",
+                             "--set", "train.ckpt_every=1000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not (run / "mlflow_run_id").exists():
+        time.sleep(0.2)
+    time.sleep(3)  # let it take a few steps
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "SIGTERM" in err
+    step = torch.load(run / "checkpoints/last.pt", weights_only=False)["step"]
+    assert 0 < step < 400
+    resumed = pixelgen("train", "--config", str(config), "--run-dir", str(run), "--quiet",
+                       "--set", f"train.steps={step + 2}", "--set", "train.ckpt_every=1000")
+    assert resumed.returncode == 0, resumed.stderr
+    assert torch.load(run / "checkpoints/final.pt", weights_only=False)["step"] == step + 2
+
+
+def test_nan_loss_stops_with_the_step_and_term_and_keeps_the_last_good_state(setup, monkeypatch):
+    tmp, config_path, _ = setup
+    from pixelgen import flow, train
+
+    calls = {"n": 0}
+    real = flow.velocity_loss
+
+    def poisoned(v_hat, v):
+        calls["n"] += 1
+        out = real(v_hat, v)
+        return out * float("nan") if calls["n"] == 5 else out
+
+    monkeypatch.setattr(flow, "velocity_loss", poisoned)
+    config = load_config(config_path)
+    with pytest.raises(PixelgenError) as err:
+        train.train(config, tmp / "nan", progress=False)
+    message = str(err.value)
+    assert "step 5" in message and "fm" in message and "step 4" in message
+    assert torch.load(tmp / "nan/checkpoints/last.pt", weights_only=False)["step"] == 4
+
+
+def test_training_is_logged_to_mlflow(setup):
+    tmp, config, uri = setup
+    assert pixelgen("train", "--config", str(config), "--run-dir", str(tmp / "logged"), "--quiet",
+                    "--set", "tracking.variant=pixelgen", "--set", "tracking.grid=unit").returncode == 0
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run((tmp / "logged/mlflow_run_id").read_text())
+    assert run.info.status == "FINISHED" and run.info.run_name == "pixelgen"
+    assert run.data.tags["weights"] == "random" and run.data.tags["variant"] == "pixelgen"
+    assert "git_commit" in run.data.tags
+    assert client.get_experiment(run.info.experiment_id).name == "unit"
+    assert run.data.params["loss.gate"] == "0.3" and run.data.params["train.steps"] == "6"
+    history = client.get_metric_history(run.info.run_id, "loss/fm")
+    assert [m.step for m in history] == [2, 4, 6]
+    for key in ("loss/loss", "loss/repa", "loss/lpips", "loss/pdino", "loss/gated_fraction", "images_per_sec"):
+        assert key in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "config.yaml" in artifacts and "samples" in artifacts
+    assert "samples/final.png" in {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
+
+
+def test_concurrent_jobs_lose_no_metrics(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'shared.db'}"
+    script = (
+        "import sys\n"
+        "from pixelgen.tracking import Tracker\n"
+        "cfg = {'enabled': True, 'uri': sys.argv[1], 'experiment': 'stress', 'grid': None, 'variant': None,"
+        " 'parent_run_id': None, 'system_metrics': False}\n"
+        "t = Tracker(cfg)\n"
+        "t.start(f'job{sys.argv[2]}', {'job': sys.argv[2]}, {})\n"
+        "for step in range(60):\n"
+        "    t.log_metrics({'a': step, 'b': -step}, step)\n"
+        "t.end()\n"
+        "print(t.run_id)\n"
+    )
+    # create the schema once, as the workflow's first job does, then hammer it from 6 processes at once
+    subprocess.run([sys.executable, "-c", script, uri, "init"], check=True, capture_output=True)
+    procs = [subprocess.Popen([sys.executable, "-c", script, uri, str(i)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(6)]
+    run_ids = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        run_ids.append(out.strip().splitlines()[-1])
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    for run_id in run_ids:
+        for key in ("a", "b"):
+            assert len(client.get_metric_history(run_id, key)) == 60
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_with_gloo(setup):
+    tmp, config, _ = setup
+    torchrun = Path(sys.executable).parent / "torchrun"
+    result = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", "29517", "-m", "pixelgen.cli",
+                             "train", "--config", str(config), "--run-dir", str(tmp / "ddp"), "--quiet",
+                             "--set", "train.steps=4"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = torch.load(tmp / "ddp/checkpoints/final.pt", weights_only=False)
+    assert ckpt["step"] == 4 and len(ckpt["rng"]) == 2  # both ranks' RNG saved for an exact resume
+    assert ckpt["data"]["world_size"] == 2
