@@ -10,9 +10,6 @@ from .errors import PixelgenError
 
 # Subcommands whose issue has not landed yet: they say where they belong and exit 2.
 NOT_BUILT = {
-    "ref-stats": ("reference Inception statistics of a shard set", "jobs: train/sample/score (issue 5)"),
-    "sample": ("sample images from a checkpoint", "jobs: train/sample/score (issue 5)"),
-    "score": ("FID/IS/KID/precision/recall of samples", "jobs: train/sample/score (issue 5)"),
     "report": ("results tables, plots and grids", "workflow (issue 6)"),
 }
 
@@ -96,6 +93,54 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_sample(args) -> int:
+    from .sample_job import run_sampling
+
+    manifest = run_sampling(Path(args.ckpt), args.num, Path(args.out), sampler=args.sampler, steps=args.steps,
+                            cfg=args.cfg, interval=tuple(args.interval) if args.interval else None,
+                            shift=args.shift, batch_size=args.batch_size, shard_size=args.shard_size,
+                            part=args.part, seed=args.seed, npz=args.npz, device=args.device,
+                            progress=not args.quiet)
+    if manifest is not None:
+        print(f"{manifest['num']} samples complete in {args.out} ({manifest['sampler']}-{manifest['steps']}, "
+              f"guidance {manifest['cfg']})")
+    else:
+        print(f"this part is done; {args.out}/samples.json is written when every part has finished")
+    return 0
+
+
+def cmd_ref_stats(args) -> int:
+    from .score import ref_stats
+
+    info = ref_stats(Path(args.shards), Path(args.out), batch_size=args.batch_size, limit=args.max,
+                     weights_dir=args.weights_dir, allow_random=args.allow_random_weights, device=args.device,
+                     progress=not args.quiet)
+    label = "" if info["weights_real"] else " (RANDOM Inception weights: not comparable)"
+    print(f"reference statistics of {info['num']} images -> {args.out}{label}")
+    return 0
+
+
+def cmd_score(args) -> int:
+    from .score import score
+
+    result = score(Path(args.samples), Path(args.ref), Path(args.out), batch_size=args.batch_size,
+                   weights_dir=args.weights_dir, allow_random=args.allow_random_weights, device=args.device,
+                   mlflow_run_id=args.mlflow_run_id, progress=not args.quiet)
+    label = "" if result["comparable"] else "  [random weights: NOT comparable to published numbers]"
+    print(f"FID {result['fid']:.2f}  IS {result['inception_score']:.2f}  precision {result['precision']:.3f}  "
+          f"recall {result['recall']:.3f}  KID {result['kid']:.4f}  ({result['num_samples']} samples){label}")
+    return 0
+
+
+def add_inception_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=100, help="images per Inception pass (default 100)")
+    parser.add_argument("--weights-dir", help="weights directory (default: $PIXELGEN_WEIGHTS or ~/.cache/pixelgen/weights)")
+    parser.add_argument("--allow-random-weights", action="store_true",
+                        help="without the Inception file, use a random Inception (demo/tests); results are labelled")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def cmd_not_built(args) -> int:
     what, area = NOT_BUILT[args.command]
     print(f"pixelgen {args.command}: not built yet ({what}; belongs to the {area} issue)", file=sys.stderr)
@@ -153,6 +198,48 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--stop-at-step", type=int, help=argparse.SUPPRESS)  # tests: behave as if preempted here
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("sample", help="class-balanced EMA samples from a checkpoint, as PNG shards (resumable)",
+                        description="Sample --num class-balanced images (image i has class i %% C and noise "
+                                    "seeded by i) with the checkpoint's EMA weights. Unset options come from the "
+                                    "checkpoint's sampling config. Resumable; split across jobs with --part; "
+                                    "multi-GPU under torchrun.")
+    sp.add_argument("--ckpt", required=True, help="a checkpoint written by pixelgen train")
+    sp.add_argument("--num", type=int, required=True, help="number of images (50000 for the ImageNet evaluation)")
+    sp.add_argument("--out", required=True, help="output folder (samples-*.tar, samples.json)")
+    sp.add_argument("--sampler", choices=["euler", "heun"], help="ODE solver (default: from the checkpoint config)")
+    sp.add_argument("--steps", type=int, help="solver steps (Heun-50 = 99 evaluations)")
+    sp.add_argument("--cfg", type=float, help="guidance scale (1.0 = no unconditional pass)")
+    sp.add_argument("--interval", type=float, nargs=2, metavar=("LO", "HI"), help="guidance only for LO < t <= HI")
+    sp.add_argument("--shift", type=float, help="time shift of the sampling grid")
+    sp.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    sp.add_argument("--shard-size", type=int, default=1000, help="images per output shard (default 1000)")
+    sp.add_argument("--part", default="0/1", help="i/n: do only shards k with k %% n == i (scatter across jobs)")
+    sp.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    sp.add_argument("--npz", action="store_true", help="also write samples.npz in the ADM evaluator's format")
+    sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sp.set_defaults(func=cmd_sample)
+
+    r = sub.add_parser("ref-stats", help="reference Inception statistics (FID mu/sigma + features) of a shard set",
+                       description="Inception pool3 features of the images in a shard folder: mean, covariance "
+                                   "and up to 10,000 features (for precision/recall and KID), saved as .npz.")
+    r.add_argument("shards", help="a folder made by pixelgen shard")
+    r.add_argument("--out", required=True, help="output .npz")
+    r.add_argument("--max", type=int, help="use at most this many images")
+    add_inception_args(r)
+    r.set_defaults(func=cmd_ref_stats)
+
+    sc = sub.add_parser("score", help="FID, IS, KID, precision/recall of samples against reference statistics",
+                        description="Score a sample folder (or an ADM-format .npz) against pixelgen ref-stats or "
+                                    "the ADM reference batch (VIRTUAL_imagenet256_labeled.npz). Writes metrics.json "
+                                    "and logs the numbers to the training run in MLflow.")
+    sc.add_argument("samples", help="a folder written by pixelgen sample, or an .npz with arr_0")
+    sc.add_argument("--ref", required=True, help="ref-stats .npz or the ADM reference batch")
+    sc.add_argument("--out", required=True, help="metrics.json to write")
+    sc.add_argument("--mlflow-run-id", help="log to this run (default: the training run of the checkpoint)")
+    add_inception_args(sc)
+    sc.set_defaults(func=cmd_score)
 
     w = sub.add_parser("weights", help="fetch or check pretrained weights (VGG16, DINOv2-B, FID Inception)",
                        description="Pretrained weights live in one directory ($PIXELGEN_WEIGHTS, default "

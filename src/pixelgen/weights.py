@@ -201,4 +201,9 @@ def _random_inception_state() -> dict:
             net = cls("inception-v3-compat", ["2048"], feature_extractor_weights_path=empty.name)
     finally:
         cls.load_state_dict = original_load
+    # PyTorch's default init shrinks activations ~10x per layer over Inception's depth (features ~1e-8, all
+    # alike); He init keeps them alive, so random-weight metrics still tell different image sets apart.
+    for module in net.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
     return net.state_dict()

@@ -1,0 +1,136 @@
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from jobs_helpers import fast_config, make_shards, pixelgen
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("jobs")
+    shards = make_shards(root)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    config = fast_config(root / "config.yaml", shards, uri, train={"steps": 2})
+    result = pixelgen("train", "--config", str(config), "--run-dir", str(root / "run"), "--quiet")
+    assert result.returncode == 0, result.stderr
+    return root, root / "run/checkpoints/final.pt", shards, uri
+
+
+def sample(ckpt, out, *extra):
+    result = pixelgen("sample", "--ckpt", str(ckpt), "--num", "20", "--out", str(out), "--steps", "3",
+                      "--shard-size", "8", "--quiet", *extra)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_sample_set_is_identical_whatever_the_batch_size_or_split(trained, tmp_path):
+    _, ckpt, _, _ = trained
+    sample(ckpt, tmp_path / "a", "--batch-size", "4")
+    sample(ckpt, tmp_path / "b", "--batch-size", "7", "--part", "1/2")
+    assert not (tmp_path / "b/samples.json").exists()  # the other part is still missing
+    sample(ckpt, tmp_path / "b", "--batch-size", "20", "--part", "0/2")
+    assert (tmp_path / "b/samples.json").exists()
+    for tar in sorted((tmp_path / "a").glob("samples-*.tar")):
+        assert tar.read_bytes() == (tmp_path / "b" / tar.name).read_bytes()
+    assert len(list((tmp_path / "a").glob("samples-*.tar"))) == 3  # 8 + 8 + 4
+
+
+def test_class_balance_npz_format_and_manifest(trained, tmp_path):
+    _, ckpt, _, _ = trained
+    sample(ckpt, tmp_path / "s", "--npz", "--sampler", "heun")
+    data = np.load(tmp_path / "s/samples.npz")
+    assert data["arr_0"].shape == (20, 32, 32, 3) and data["arr_0"].dtype == np.uint8
+    assert np.bincount(data["arr_1"]).tolist() == [2] * 10  # 20 images over 10 classes
+    manifest = json.loads((tmp_path / "s/samples.json").read_text())
+    assert manifest["sampler"] == "heun" and manifest["steps"] == 3 and manifest["nfe_per_image"] == 5
+    assert manifest["encoders_real"] is False
+
+
+def test_rerun_after_a_kill_writes_only_the_missing_shards(trained, tmp_path):
+    _, ckpt, _, _ = trained
+    out = tmp_path / "r"
+    sample(ckpt, out)
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("samples-*.tar")}
+    reference = (out / "samples-000001.tar").read_bytes()
+    (out / "samples-000001.tar").unlink()
+    (out / "samples.json").unlink()
+    (out / "samples-000002.tar.part").write_bytes(b"torn")  # what a kill mid-write leaves
+    sample(ckpt, out)
+    assert (out / "samples-000001.tar").read_bytes() == reference
+    assert (out / "samples-000000.tar").stat().st_mtime_ns == kept["samples-000000.tar"]
+    assert (out / "samples.json").exists()
+
+
+def test_sampling_option_errors(trained, tmp_path):
+    _, ckpt, _, _ = trained
+    result = pixelgen("sample", "--ckpt", str(ckpt), "--num", "4", "--out", str(tmp_path / "x"), "--part", "3/2")
+    assert result.returncode == 2 and "--part" in result.stderr
+    sample(ckpt, tmp_path / "y")
+    result = pixelgen("sample", "--ckpt", str(ckpt), "--num", "20", "--out", str(tmp_path / "y"), "--steps", "9",
+                      "--shard-size", "8", "--quiet")
+    assert result.returncode == 1 and "other settings" in result.stderr
+    result = pixelgen("sample", "--ckpt", str(tmp_path / "missing.pt"), "--num", "4", "--out", str(tmp_path / "z"))
+    assert result.returncode == 1 and "checkpoint not found" in result.stderr
+
+
+def test_ref_stats_and_score_end_to_end_with_random_inception(trained, tmp_path):
+    root, ckpt, shards, uri = trained
+    ref = tmp_path / "ref.npz"
+    result = pixelgen("ref-stats", str(shards), "--out", str(ref), "--allow-random-weights", "--quiet")
+    assert result.returncode == 0 and "RANDOM" in result.stdout, result.stderr
+    stats = np.load(ref)
+    assert stats["mu"].shape == (2048,) and stats["sigma"].shape == (2048, 2048) and int(stats["num"]) == 120
+    sample(ckpt, tmp_path / "s")
+    out = tmp_path / "metrics.json"
+    result = pixelgen("score", str(tmp_path / "s"), "--ref", str(ref), "--out", str(out), "--allow-random-weights",
+                      "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "NOT comparable" in result.stdout
+    m = json.loads(out.read_text())
+    assert m["weights"] == "random" and m["comparable"] is False and m["num_samples"] == 20
+    assert m["fid"] > 0 and 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1 and m["inception_score"] >= 1
+    assert m["sampling"]["steps"] == 3
+    from mlflow import MlflowClient
+
+    run_id = (root / "run/mlflow_run_id").read_text()
+    run = MlflowClient(tracking_uri=uri).get_run(run_id)
+    assert run.data.metrics["eval/fid"] == pytest.approx(m["fid"]) and run.data.tags["eval_weights"] == "random"
+
+
+def test_the_reference_images_score_fid_zero_against_their_own_stats(trained, tmp_path):
+    _, _, shards, _ = trained
+    ref = tmp_path / "ref.npz"
+    assert pixelgen("ref-stats", str(shards), "--out", str(ref), "--allow-random-weights", "--quiet").returncode == 0
+    from pixelgen.data import ShardStream
+
+    images = torch.cat([x for x, _ in ShardStream(shards, 50, epochs=1, flip=False, shuffle_buffer=1)])
+    np.savez(tmp_path / "same.npz", arr_0=images.permute(0, 2, 3, 1).numpy())
+    out = tmp_path / "m.json"
+    assert pixelgen("score", str(tmp_path / "same.npz"), "--ref", str(ref), "--out", str(out),
+                    "--allow-random-weights", "--quiet").returncode == 0
+    m = json.loads(out.read_text())
+    assert abs(m["fid"]) < 1e-3 and m["precision"] == 1.0 and m["recall"] == 1.0
+
+
+def test_missing_inception_weights_is_a_one_line_error(trained, tmp_path):
+    _, _, shards, _ = trained
+    result = pixelgen("ref-stats", str(shards), "--out", str(tmp_path / "r.npz"), "--weights-dir", str(tmp_path),
+                      "--quiet")
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert "weights-inception-2015-12-05-6726825d.pth" in result.stderr and "pixelgen weights fetch" in result.stderr
+
+
+def test_inception_from_a_weight_file_is_used(trained, tmp_path):
+    _, _, shards, _ = trained
+    from pixelgen import weights
+
+    weights.init_random(tmp_path / "w", ["inception"], seed=0)
+    result = pixelgen("ref-stats", str(shards), "--out", str(tmp_path / "r.npz"), "--weights-dir",
+                      str(tmp_path / "w"), "--quiet", "--max", "40")
+    assert result.returncode == 0, result.stderr
+    assert "RANDOM" in result.stdout  # a file, but not the published one
+    assert int(np.load(tmp_path / "r.npz")["num"]) == 40
