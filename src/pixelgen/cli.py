@@ -9,9 +9,7 @@ from pathlib import Path
 from .errors import PixelgenError
 
 # Subcommands whose issue has not landed yet: they say where they belong and exit 2.
-NOT_BUILT = {
-    "report": ("results tables, plots and grids", "workflow (issue 6)"),
-}
+NOT_BUILT: dict[str, tuple[str, str]] = {}
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -141,6 +139,22 @@ def add_inception_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def cmd_report(args) -> int:
+    from .report import build_report
+
+    info = build_report(Path(args.grid), Path(args.metrics), Path(args.runs), Path(args.out), title=args.title)
+    print(f"report of {info['rows']} variants -> {info['out']}/table.md")
+    return 0
+
+
+def cmd_track_parent(args) -> int:
+    from .tracking import start_parent_run
+
+    run_id = start_parent_run(args.experiment, args.name, args.uri, Path(args.out))
+    print(f"MLflow parent run {run_id} -> {args.out}")
+    return 0
+
+
 def cmd_not_built(args) -> int:
     what, area = NOT_BUILT[args.command]
     print(f"pixelgen {args.command}: not built yet ({what}; belongs to the {area} issue)", file=sys.stderr)
@@ -240,6 +254,26 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--mlflow-run-id", help="log to this run (default: the training run of the checkpoint)")
     add_inception_args(sc)
     sc.set_defaults(func=cmd_score)
+
+    rp = sub.add_parser("report", help="results table (ours beside the paper's), plots and sample grids of a grid",
+                        description="Collect a grid's metrics.json files and training logs into table.csv/.md "
+                                    "(the shape of the paper's Table 1), loss_curves.png, fid_recall.png and "
+                                    "samples/<variant>.png.")
+    rp.add_argument("--grid", required=True, help="the grid YAML (variants, with the paper's numbers)")
+    rp.add_argument("--metrics", required=True, help="folder of <variant>.json metrics")
+    rp.add_argument("--runs", required=True, help="folder of <variant>/ training run dirs")
+    rp.add_argument("--out", required=True, help="output folder")
+    rp.add_argument("--title", help="table title")
+    rp.set_defaults(func=cmd_report)
+
+    tp = sub.add_parser("track-parent", help="create (once) the MLflow parent run of a workflow run",
+                        description="Create the parent MLflow run that the variants of a grid nest under, and "
+                                    "write its id to --out; if --out exists, reuse that run.")
+    tp.add_argument("--experiment", required=True, help="experiment (the grid name)")
+    tp.add_argument("--name", required=True, help="run name")
+    tp.add_argument("--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///results/mlflow.db)")
+    tp.add_argument("--out", required=True, help="file that receives the run id")
+    tp.set_defaults(func=cmd_track_parent)
 
     w = sub.add_parser("weights", help="fetch or check pretrained weights (VGG16, DINOv2-B, FID Inception)",
                        description="Pretrained weights live in one directory ($PIXELGEN_WEIGHTS, default "

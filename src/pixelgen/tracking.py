@@ -162,3 +162,18 @@ class SystemMetrics:
         if self._stop is not None:
             self._stop.set()
         return False
+
+
+def start_parent_run(experiment: str, name: str, uri: str | None, out: Path) -> str:
+    """The parent run of a workflow run: created once, its id kept in `out` so reruns nest under the same one."""
+    if out.exists() and out.read_text().strip():
+        return out.read_text().strip()
+    from mlflow import MlflowClient
+
+    resolved = tracking_uri(uri)
+    client = MlflowClient(tracking_uri=resolved)
+    exp = experiment_id(client, experiment, resolved)
+    run = with_retries(client.create_run, exp, run_name=name, tags={"git_commit": git_commit(), "kind": "workflow"})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(run.info.run_id)
+    return run.info.run_id

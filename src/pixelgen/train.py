@@ -7,6 +7,7 @@ gives bit-identical weights to an uninterrupted run on the same hardware and pro
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import sys
@@ -222,6 +223,9 @@ def _train(config, run_dir, d, last_path, final_path, stop_at_step, progress):
                     bar.set_postfix(loss=f"{out.terms['loss']:.4f}", fm=f"{out.terms['fm']:.4f}",
                                     img_s=f"{metrics['images_per_sec']:.0f}")
                     tracker.log_metrics(metrics, step)
+                    if d.is_main:  # a plain copy beside the checkpoints, for reports that need no tracking server
+                        with open(run_dir / "metrics.jsonl", "a") as log:
+                            log.write(json.dumps({"step": step, **metrics}) + "\n")
                     window_start, window_steps = time.perf_counter(), 0
                 stop_now = sigterm.raised
                 if d.world_size > 1:  # all ranks must agree to stop at the same step

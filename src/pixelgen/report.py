@@ -1,0 +1,129 @@
+"""`pixelgen report`: a grid's results as a table in the shape of the paper's Table 1 (ours beside the paper's),
+plots (loss terms vs step per variant; FID vs recall across variants) and a sample grid per variant."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from .errors import PixelgenError
+
+COLUMNS = [("fid", "FID"), ("inception_score", "IS"), ("precision", "Prec"), ("recall", "Rec")]
+
+
+def load_grid(path: Path) -> dict:
+    if not Path(path).is_file():
+        raise PixelgenError(f"grid file not found: {path}")
+    grid = yaml.safe_load(Path(path).read_text())
+    if not isinstance(grid, dict) or not isinstance(grid.get("variants"), dict):
+        raise PixelgenError(f"{path} must have a 'variants' mapping (name -> overrides)")
+    return grid
+
+
+def read_metrics_log(run_dir: Path) -> pd.DataFrame:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return pd.DataFrame()
+    frame = pd.read_json(path, lines=True)
+    # a resumed run re-logs the steps after its last checkpoint: keep the latest record of each step
+    return frame.drop_duplicates("step", keep="last").sort_values("step")
+
+
+def results_table(grid: dict, metrics_dir: Path) -> pd.DataFrame:
+    rows = []
+    for name, variant in grid["variants"].items():
+        path = Path(metrics_dir) / f"{name}.json"
+        ours = json.loads(path.read_text()) if path.exists() else {}
+        paper = (variant or {}).get("paper", {}) if isinstance(variant, dict) else {}
+        row = {"variant": name, "description": (variant or {}).get("description", "")}
+        for key, label in COLUMNS:
+            row[label] = ours.get(key)
+            row[f"{label} (paper)"] = paper.get(label.lower() if label != "IS" else "is")
+        row["samples"] = ours.get("num_samples")
+        row["weights"] = ours.get("weights", "missing")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def to_markdown(table: pd.DataFrame, title: str) -> str:
+    def fmt(v, digits):
+        return "" if v is None or (isinstance(v, float) and pd.isna(v)) else f"{v:.{digits}f}"
+
+    lines = [f"# {title}", ""]
+    random = (table["weights"] == "random").any()
+    if random:
+        lines += ["**Metrics marked with † were computed with randomly initialised encoder/Inception weights: "
+                  "they show the pipeline works, and are not comparable to the paper's numbers.**", ""]
+    header = "| variant | FID | FID (paper) | IS | IS (paper) | Prec | Prec (paper) | Rec | Rec (paper) | samples |"
+    lines += [header, "|" + "---|" * 10]
+    for _, r in table.iterrows():
+        mark = " †" if r["weights"] == "random" else ""
+        cells = [f"{r['variant']}{mark}"]
+        for label, digits in (("FID", 2), ("IS", 1), ("Prec", 2), ("Rec", 2)):
+            cells += [fmt(r[label], digits), fmt(r[f"{label} (paper)"], digits)]
+        cells.append("" if pd.isna(r["samples"]) else str(int(r["samples"])))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_losses(grid: dict, runs_dir: Path, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    terms = ["loss/loss", "loss/fm", "loss/repa", "loss/lpips", "loss/pdino"]
+    fig, axes = plt.subplots(1, len(terms), figsize=(4 * len(terms), 3.2))
+    for name in grid["variants"]:
+        frame = read_metrics_log(Path(runs_dir) / name)
+        for ax, term in zip(axes, terms):
+            if not frame.empty and term in frame:
+                ax.plot(frame["step"], frame[term], label=name)
+    for ax, term in zip(axes, terms):
+        ax.set_title(term.split("/")[1])
+        ax.set_xlabel("step")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_fid_recall(table: pd.DataFrame, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    for _, r in table.iterrows():
+        if r["FID"] is not None and not pd.isna(r["FID"]):
+            ax.scatter(r["Rec"], r["FID"])
+            ax.annotate(r["variant"], (r["Rec"], r["FID"]), fontsize=8, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("recall (higher is better)")
+    ax.set_ylabel("FID (lower is better)")
+    ax.set_title("FID vs recall" + (" (random weights)" if (table["weights"] == "random").any() else ""))
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def build_report(grid_file: Path, metrics_dir: Path, runs_dir: Path, out: Path, title: str | None = None) -> dict:
+    grid = load_grid(grid_file)
+    out = Path(out)
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    table = results_table(grid, metrics_dir)
+    table.to_csv(out / "table.csv", index=False)
+    (out / "table.md").write_text(to_markdown(table, title or grid.get("title", Path(grid_file).stem)))
+    plot_losses(grid, runs_dir, out / "loss_curves.png")
+    plot_fid_recall(table, out / "fid_recall.png")
+    for name in grid["variants"]:
+        grid_png = Path(runs_dir) / name / "samples" / "final.png"
+        if grid_png.exists():
+            shutil.copyfile(grid_png, out / "samples" / f"{name}.png")
+    return {"rows": len(table), "out": str(out)}

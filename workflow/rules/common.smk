@@ -1,0 +1,80 @@
+# Config loading and validation: everything is checked here, before any job runs.
+import shlex
+from pathlib import Path
+
+import yaml
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+validate(config, "../schemas/config.schema.yaml")
+
+
+def _load_variants(path):
+    from pixelgen.errors import PixelgenError
+    from pixelgen.report import load_grid
+
+    try:
+        return load_grid(Path(path))["variants"]
+    except PixelgenError as err:
+        raise WorkflowError(str(err))
+
+
+VARIANTS = _load_variants(config["variants"])
+GRID = config["grid"]
+WORK = config["work_dir"]
+RESULTS = f"{config['results_dir']}/{GRID}"
+DATASET = config["dataset"]
+RAW = DATASET["raw"]
+SHARDS = f"{WORK}/shards/{DATASET['name']}-{DATASET['resolution']}"
+REF = f"{WORK}/ref/{DATASET['name']}-{DATASET['resolution']}.npz"
+LOGS = f"{WORK}/logs/{GRID}"
+RUNS = f"{WORK}/runs/{GRID}"
+SAMPLES = f"{WORK}/samples/{GRID}"
+RES = config["resources"]
+
+
+def variant_overrides(name):
+    """--set items of a variant: the workflow's overrides, the variant's own, then what the DAG fixes."""
+    variant = VARIANTS[name] or {}
+    items = list(config.get("pixelgen_overrides", [])) + list(variant.get("set", []))
+    items += [f"data.shards={SHARDS}", f"tracking.experiment={GRID}", f"tracking.grid={GRID}",
+              f"tracking.variant={name}"]
+    if config.get("mlflow_uri"):
+        items.append(f"tracking.uri={config['mlflow_uri']}")
+    return items
+
+
+def _check_variants():
+    """Resolve every variant's pixelgen config now: a typo fails the whole run before any job, naming the key."""
+    from pixelgen.config import load_config
+    from pixelgen.errors import PixelgenError
+
+    for name in VARIANTS:
+        try:
+            resolved = load_config(config["pixelgen"], variant_overrides(name))
+        except PixelgenError as err:
+            raise WorkflowError(f"variant '{name}' of {config['variants']}: {err}")
+        if resolved["model"]["image_size"] != DATASET["resolution"]:
+            raise WorkflowError(f"variant '{name}': model.image_size {resolved['model']['image_size']} differs "
+                                f"from dataset.resolution {DATASET['resolution']}")
+
+
+_check_variants()
+if not DATASET["generate_demo"] and not Path(RAW).exists():
+    raise WorkflowError(f"raw dataset not found: {RAW} (run `dvc pull`, or link your ImageFolder there; "
+                        f"see README, Data)")
+
+
+def sets(name):
+    return " ".join(f"--set {shlex.quote(s)}" for s in variant_overrides(name))
+
+
+def sample_setting(name, key):
+    variant = VARIANTS[name] or {}
+    return {**config["sample"], **variant.get("sample", {})}[key]
+
+
+def random_flag():
+    return "--allow-random-weights" if config.get("allow_random_weights") else ""
