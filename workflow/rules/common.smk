@@ -1,5 +1,7 @@
 # Config loading and validation: everything is checked here, before any job runs.
+import os
 import shlex
+import sys
 from pathlib import Path
 
 import yaml
@@ -9,6 +11,10 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 validate(config, "../schemas/config.schema.yaml")
+
+# Rules call `pixelgen`: make the environment that runs Snakemake (e.g. .venv/bin) first on PATH, so the
+# README's `.venv/bin/snakemake ...` works without activating the venv, locally and inside Slurm jobs.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 def _load_variants(path):

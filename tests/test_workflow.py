@@ -1,0 +1,216 @@
+"""The workflow as users drive it: snakemake (local and Slurm), dvc repro, and MLflow's server and UI."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def project_copy(dest: Path) -> Path:
+    """The files a fresh clone has (no work/, results/, .snakemake/), as a git repo for DVC."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ["config", "workflow", "src", "pyproject.toml", "data.dvc", "dvc.yaml", ".dvcignore", "README.md"]:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy(source, dest / name)
+    shutil.copytree(REPO / ".dvc", dest / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp"))
+    os.symlink("workflow/profiles/slurm", dest / "slurm")
+    (dest / ".gitignore").write_text((REPO / ".gitignore").read_text())
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], cwd=dest, check=True)
+    return dest
+
+
+def snakemake(cwd, *args, timeout=1800):
+    return subprocess.run([str(BIN / "snakemake"), *args], cwd=cwd, capture_output=True, text=True, env=ENV,
+                          timeout=timeout)
+
+
+def tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    """config/test.yaml through `snakemake --cores 2 all`, in a fresh copy of the project."""
+    root = project_copy(tmp_path_factory.mktemp("local") / "pixelgen")
+    result = snakemake(root, "--cores", "2", "all", "--configfile", "config/test.yaml")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return root
+
+
+def test_typo_in_workflow_config_fails_before_any_job(tmp_path):
+    root = project_copy(tmp_path / "p")
+    config = yaml.safe_load((root / "config/test.yaml").read_text())
+    config["sample"]["nmu"] = 3
+    (root / "config/typo.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(root, "-n", "--cores", "1", "all", "--configfile", "config/typo.yaml")
+    assert result.returncode != 0 and "nmu" in result.stdout + result.stderr
+    assert not (root / "work").exists()
+
+
+def test_typo_in_a_variant_fails_before_any_job_naming_variant_and_key(tmp_path):
+    root = project_copy(tmp_path / "p")
+    grid = {"variants": {"broken": {"set": ["loss.gatee=0.2"]}}}
+    (root / "config/grids/broken.yaml").write_text(yaml.safe_dump(grid))
+    config = yaml.safe_load((root / "config/test.yaml").read_text())
+    config["variants"] = "config/grids/broken.yaml"
+    (root / "config/broken.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(root, "-n", "--cores", "1", "all", "--configfile", "config/broken.yaml")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "broken" in output and "loss.gatee" in output
+
+
+def test_every_rule_has_a_log_and_calls_pixelgen():
+    rules = (REPO / "workflow/rules").glob("*.smk")
+    text = "\n".join(p.read_text() for p in rules)
+    blocks = [b for b in text.split("\nrule ")[1:]] + [b for b in text.split("\n    rule ")[1:]]
+    assert len(blocks) >= 9
+    for block in blocks:
+        name = block.split(":")[0]
+        assert "log:" in block, name
+        assert "pixelgen" in block.split("shell:")[1], name
+
+
+def test_local_run_produces_the_results(local_run):
+    results = local_run / "results/ci"
+    table = (results / "table.md").read_text()
+    assert "baseline" in table and "pixelgen" in table and "23.67" in table and "random" in table
+    for name in ("table.csv", "loss_curves.png", "fid_recall.png", "samples/baseline.png", "samples/pixelgen.png",
+                 "metrics/baseline.json", "metrics/pixelgen.json"):
+        assert (results / name).stat().st_size > 0, name
+    metrics = json.loads((results / "metrics/pixelgen.json").read_text())
+    assert metrics["num_samples"] == 20 and metrics["weights"] == "random"
+    # rerunning `all` finds nothing to do
+    again = snakemake(local_run, "--cores", "2", "all", "--configfile", "config/test.yaml")
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_a_failed_training_job_resumes_instead_of_restarting(local_run):
+    run = local_run / "work/runs/ci/pixelgen/checkpoints"
+    (run / "final.pt").unlink()  # as if the job had died after its last checkpoint
+    before = (run / "last.pt").stat().st_mtime_ns
+    log = local_run / "work/logs/ci/train/pixelgen.log"
+    result = snakemake(local_run, "--cores", "2", "all", "--configfile", "config/test.yaml")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (run / "final.pt").exists() and "training is done" not in log.read_text()
+    import torch
+
+    assert torch.load(run / "final.pt", weights_only=False)["step"] == 4
+    assert (run / "last.pt").stat().st_mtime_ns >= before
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url, payload=None):
+    data = json.dumps(payload).encode() if payload is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_mlflow_server_shows_parent_child_runs_metrics_and_a_screenshot(local_run, tmp_path):
+    port = free_port()
+    db = local_run / "results/mlflow.db"
+    server = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{db}",
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              cwd=local_run, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(1)
+        experiment = get_json(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=ci")["experiment"]
+        runs = get_json(f"{base}/api/2.0/mlflow/runs/search",
+                        {"experiment_ids": [experiment["experiment_id"]], "max_results": 100})["runs"]
+        by_name = {r["info"]["run_name"]: r for r in runs}
+        assert {"workflow-ci", "baseline", "pixelgen"} <= set(by_name)
+        parent_id = by_name["workflow-ci"]["info"]["run_id"]
+        for variant in ("baseline", "pixelgen"):
+            run = by_name[variant]
+            tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+            metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+            assert tags["mlflow.parentRunId"] == parent_id and tags["weights"] == "random"
+            assert {"loss/fm", "loss/loss", "eval/fid", "eval/recall", "eval/precision"} <= set(metrics)
+        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+        if chromium:  # .ci/run installs Debian's chromium; a person can look at the PNG
+            shot = REPO / "results" / "mlflow-ui.png"
+            shot.parent.mkdir(exist_ok=True)
+            subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                            "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                            "--disable-sync", f"--user-data-dir={tmp_path / 'chrome'}", "--window-size=1400,900",
+                            "--virtual-time-budget=15000", f"--screenshot={shot}",
+                            f"{base}/#/experiments/{experiment['experiment_id']}"],
+                           capture_output=True, timeout=120)
+            assert shot.stat().st_size > 10_000
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def slurm_available() -> bool:
+    return shutil.which("sinfo") is not None and subprocess.run(["sinfo"], capture_output=True).returncode == 0
+
+
+@pytest.mark.slurm
+@pytest.mark.skipif(not slurm_available(), reason="no Slurm cluster (.ci/run starts a local one)")
+def test_slurm_profile_runs_the_dag_under_slurm(local_run, tmp_path):
+    root = project_copy(tmp_path / "slurm-run")
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    result = snakemake(root, "--profile", "slurm", "all", "--configfile", "config/test.yaml", timeout=3000)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    sacct = subprocess.run(["sacct", "-X", "-n", "-P", "-S", started, "-o", "JobID,Comment,State,Account"],
+                           capture_output=True, text=True).stdout.strip().splitlines()
+    jobs = [line.split("|") for line in sacct]
+    # the plugin puts the rule (and wildcards) in the job comment: rule_train_wildcards_pixelgen
+    rules = {comment.split("_wildcards")[0] for _, comment, state, _ in jobs if state == "COMPLETED"}
+    # every non-local rule ran as a Slurm job: demo_data, shard, ref_stats, 2 train, 4 sample_part, 2 gather, 2 score
+    assert {"rule_demo_data", "rule_shard", "rule_ref_stats", "rule_train", "rule_sample_part", "rule_score"} <= rules
+    assert len([j for j in jobs if j[2] == "COMPLETED"]) >= 13 and all(j[3] == "local" for j in jobs)
+    assert tree(root / "results/ci") == tree(local_run / "results/ci")
+
+
+def test_dvc_repro_runs_the_demo_and_leaves_status_clean(tmp_path):
+    root = project_copy(tmp_path / "dvc-run")
+    # the demo as committed, made tiny: the same stage, with fewer steps and samples
+    pg = yaml.safe_load((root / "config/pixelgen/demo.yaml").read_text())
+    pg["train"].update(steps=2, ckpt_every=2, log_every=1, sample_count=4, sample_steps=2)
+    (root / "config/pixelgen/demo.yaml").write_text(yaml.safe_dump(pg))
+    cfg = yaml.safe_load((root / "config/default.yaml").read_text())
+    cfg["sample"].update(num=20, steps=2)
+    cfg["ref_max"] = 40
+    (root / "config/default.yaml").write_text(yaml.safe_dump(cfg))
+    subprocess.run(["git", "commit", "-qam", "tiny"], cwd=root, check=True,
+                   env={**ENV, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                        "GIT_COMMITTER_EMAIL": "t@t"})
+    result = subprocess.run([str(BIN / "dvc"), "repro"], cwd=root, capture_output=True, text=True, env=ENV,
+                            timeout=1800)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (root / "results/demo/table.md").exists()
+    status = subprocess.run([str(BIN / "dvc"), "status"], cwd=root, capture_output=True, text=True, env=ENV)
+    assert "up to date" in status.stdout, status.stdout
