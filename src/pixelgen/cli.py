@@ -8,10 +8,6 @@ from pathlib import Path
 
 from .errors import PixelgenError
 
-# Subcommands whose issue has not landed yet: they say where they belong and exit 2.
-NOT_BUILT: dict[str, tuple[str, str]] = {}
-
-
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML config merged over the packaged defaults")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.SUB=VALUE",
@@ -155,23 +151,12 @@ def cmd_track_parent(args) -> int:
     return 0
 
 
-def cmd_not_built(args) -> int:
-    what, area = NOT_BUILT[args.command]
-    print(f"pixelgen {args.command}: not built yet ({what}; belongs to the {area} issue)", file=sys.stderr)
-    return 2
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pixelgen",
         description="Train, sample and score pixel-space diffusion models with perceptual losses (PixelGen).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (what, area) in NOT_BUILT.items():
-        p = sub.add_parser(name, help=f"{what} [not built yet: {area}]", description=f"{what} (not built yet)")
-        add_config_args(p)
-        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-        p.set_defaults(func=cmd_not_built)
 
     d = sub.add_parser("demo-data", help="write the built-in demo ImageFolder (procedural, no download)",
                        description="Write a small class-conditional ImageFolder (a coloured shape per class) that "
@@ -206,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train one model. State lives in --run-dir: config.yaml, checkpoints/last.pt "
                                    "(every train.ckpt_every steps and on SIGTERM) and checkpoints/final.pt. Rerunning "
                                    "the same command resumes exactly. Multi-GPU: torchrun --nproc-per-node N "
-                                   "$(which pixelgen) train ...")
+                                   "-m pixelgen.cli train ...")
     add_config_args(t)
     t.add_argument("--run-dir", required=True, help="where config, checkpoints and sample grids go")
     t.add_argument("--stop-at-step", type=int, help=argparse.SUPPRESS)  # tests: behave as if preempted here

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import PixelgenError
+from .files import sha256
 
 SHARD_PATTERN = "shard-{:06d}"
 
@@ -99,14 +100,6 @@ def sample_order(n: int, seed: int) -> list[int]:
     return np.random.RandomState(seed).permutation(n).tolist()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_shard(job: tuple) -> dict:
     """Write one shard (tar, then its json record). Runs in a worker process."""
     import webdataset as wds
@@ -144,7 +137,7 @@ def write_shard(job: tuple) -> dict:
         part.unlink(missing_ok=True)
         raise PixelgenError(fatal)
     os.replace(part, tar_path)
-    record = {"name": tar_path.name, "samples": count, "sha256": _sha256(tar_path), "per_class": per_class,
+    record = {"name": tar_path.name, "samples": count, "sha256": sha256(tar_path), "per_class": per_class,
               "rejected": rejected}
     _write_json_atomic(out / f"{name}.json", record)
     return record
@@ -165,7 +158,7 @@ def _shard_done(out: Path, index: int) -> bool:
         record = json.loads(record_path.read_text())
     except json.JSONDecodeError:
         return False
-    return record.get("sha256") == _sha256(tar_path)
+    return record.get("sha256") == sha256(tar_path)
 
 
 def build_shards(src: Path, out: Path, settings: ShardSettings, workers: int = 1, strict: bool = False,

@@ -8,13 +8,13 @@ command. A file that loads but does not match the published checksum (for exampl
 
 from __future__ import annotations
 
-import hashlib
 import os
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PixelgenError
+from .files import sha256
 
 FETCH_HINT = "run `pixelgen weights fetch` on a machine with a network, or copy the file there by hand"
 SUMS_FILE = "SHA256SUMS"  # written by `weights fetch`: the digest of each file as downloaded
@@ -63,14 +63,6 @@ def weight_path(key: str, directory: Path | str | None = None) -> Path:
         raise PixelgenError(f"missing {wf.what}: {path} not found; {FETCH_HINT} "
                             f"(or set encoders.random_init=true for a test run)")
     return path
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _recorded_sums(directory: Path) -> dict[str, str]:
