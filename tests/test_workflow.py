@@ -163,16 +163,19 @@ def test_mlflow_server_shows_parent_child_runs_metrics_and_a_screenshot(local_ru
             assert tags["mlflow.parentRunId"] == parent_id and tags["weights"] == "random"
             assert {"loss/fm", "loss/loss", "eval/fid", "eval/recall", "eval/precision"} <= set(metrics)
         chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-        if chromium:  # .ci/run installs Debian's chromium; a person can look at the PNG
-            shot = REPO / "results" / "mlflow-ui.png"
-            shot.parent.mkdir(exist_ok=True)
-            subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                            "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                            "--disable-sync", f"--user-data-dir={tmp_path / 'chrome'}", "--window-size=1400,900",
-                            "--virtual-time-budget=15000", f"--screenshot={shot}",
-                            f"{base}/#/experiments/{experiment['experiment_id']}"],
-                           capture_output=True, timeout=120)
-            assert shot.stat().st_size > 10_000
+        if chromium:  # .ci/run installs Debian's chromium; a person can look at the PNGs
+            pages = {"mlflow-ui-runs.png": f"#/experiments/{experiment['experiment_id']}/runs",
+                     "mlflow-ui-run.png": f"#/experiments/{experiment['experiment_id']}/runs/"
+                                          f"{by_name['pixelgen']['info']['run_id']}/model-metrics"}
+            for name, page in pages.items():
+                shot = REPO / "results" / name
+                shot.parent.mkdir(exist_ok=True)
+                subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                                "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                                "--disable-sync", f"--user-data-dir={tmp_path / name}", "--window-size=1400,1000",
+                                "--virtual-time-budget=20000", f"--screenshot={shot}", f"{base}/{page}"],
+                               capture_output=True, timeout=120)
+                assert shot.stat().st_size > 10_000
     finally:
         server.terminate()
         server.wait(timeout=30)

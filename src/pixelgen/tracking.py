@@ -61,7 +61,9 @@ def experiment_id(client, name: str, uri: str) -> str:
     if experiment is not None:
         return experiment.experiment_id
     try:
-        return with_retries(client.create_experiment, name, artifact_location=artifact_root(uri))
+        # the experiment kind makes MLflow 3's UI open it as model training (runs, charts), not GenAI traces
+        return with_retries(client.create_experiment, name, artifact_location=artifact_root(uri),
+                            tags={"mlflow.experimentKind": "custom_model_development"})
     except Exception:  # another job created it first
         return with_retries(client.get_experiment_by_name, name).experiment_id
 
