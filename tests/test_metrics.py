@@ -71,3 +71,23 @@ def test_kid_is_near_zero_for_one_distribution_and_positive_for_two():
     same, _ = metrics.kid(a, b, subsets=20, subset_size=300)
     different, _ = metrics.kid(a, b + 1.0, subsets=20, subset_size=300)
     assert abs(same) < 0.01 and different > 0.1
+
+
+def test_running_statistics_over_batches_equal_the_statistics_of_all_features():
+    rng = np.random.RandomState(5)
+    # a large common offset: the naive sum-of-squares covariance loses most digits here, the pairwise merge doesn't
+    feats = rng.randn(1037, 12) @ rng.randn(12, 12) + 1e4
+    running = metrics.RunningStatistics()
+    for start, stop in [(0, 1), (1, 100), (100, 100), (100, 613), (613, 1037)]:  # uneven, one single, one empty
+        running.update(feats[start:stop])
+    got, expected = running.statistics(), metrics.feature_statistics(feats)
+    assert running.count == 1037
+    np.testing.assert_allclose(got["mu"], expected["mu"], rtol=1e-12)
+    np.testing.assert_allclose(got["sigma"], expected["sigma"], rtol=1e-9, atol=1e-9)
+
+
+def test_running_statistics_need_two_samples():
+    running = metrics.RunningStatistics()
+    running.update(np.ones((1, 3)))
+    with pytest.raises(ValueError, match="at least 2"):
+        running.statistics()

@@ -84,6 +84,7 @@ def test_ref_stats_and_score_end_to_end_with_random_inception(trained, tmp_path)
     assert result.returncode == 0 and "RANDOM" in result.stdout, result.stderr
     stats = np.load(ref)
     assert stats["mu"].shape == (2048,) and stats["sigma"].shape == (2048, 2048) and int(stats["num"]) == 120
+    assert stats["mu_s"].shape == (2023,) and stats["sigma_s"].shape == (2023, 2023)  # sFID: 7 x 17 x 17
     sample(ckpt, tmp_path / "s")
     out = tmp_path / "metrics.json"
     result = pixelgen("score", str(tmp_path / "s"), "--ref", str(ref), "--out", str(out), "--allow-random-weights",
@@ -93,12 +94,14 @@ def test_ref_stats_and_score_end_to_end_with_random_inception(trained, tmp_path)
     m = json.loads(out.read_text())
     assert m["weights"] == "random" and m["comparable"] is False and m["num_samples"] == 20
     assert m["fid"] > 0 and 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1 and m["inception_score"] >= 1
+    assert m["sfid"] > 0 and "sFID" in result.stdout
     assert m["sampling"]["steps"] == 3
     from mlflow import MlflowClient
 
     run_id = (root / "run/mlflow_run_id").read_text()
     run = MlflowClient(tracking_uri=uri).get_run(run_id)
     assert run.data.metrics["eval/fid"] == pytest.approx(m["fid"]) and run.data.tags["eval_weights"] == "random"
+    assert run.data.metrics["eval/sfid"] == pytest.approx(m["sfid"])
 
 
 def test_the_reference_images_score_fid_zero_against_their_own_stats(trained, tmp_path):
@@ -113,7 +116,60 @@ def test_the_reference_images_score_fid_zero_against_their_own_stats(trained, tm
     assert pixelgen("score", str(tmp_path / "same.npz"), "--ref", str(ref), "--out", str(out),
                     "--allow-random-weights", "--quiet").returncode == 0
     m = json.loads(out.read_text())
-    assert abs(m["fid"]) < 1e-3 and m["precision"] == 1.0 and m["recall"] == 1.0
+    assert abs(m["fid"]) < 1e-3 and abs(m["sfid"]) < 1e-3 and m["precision"] == 1.0 and m["recall"] == 1.0
+
+    # the same images as an ADM-format reference batch (arr_0 + mu/sigma + mu_s/sigma_s): its own statistics are
+    # used for FID and sFID, so both are ~0 only if our spatial features line up with the batch's element by element
+    stats = np.load(ref)
+    adm = tmp_path / "VIRTUAL_like.npz"
+    np.savez(adm, arr_0=images.permute(0, 2, 3, 1).numpy(), mu=stats["mu"], sigma=stats["sigma"],
+             mu_s=stats["mu_s"], sigma_s=stats["sigma_s"])
+    assert pixelgen("score", str(tmp_path / "same.npz"), "--ref", str(adm), "--out", str(out),
+                    "--allow-random-weights", "--quiet").returncode == 0
+    m = json.loads(out.read_text())
+    assert m["reference_kind"] == "ADM reference batch" and abs(m["fid"]) < 1e-3 and abs(m["sfid"]) < 1e-3
+    # a spatial layout off by a transpose is a different feature order: sFID against it is clearly not zero
+    side = 17
+    order = np.arange(side * side * 7).reshape(side, side, 7).transpose(1, 0, 2).reshape(-1)
+    np.savez(adm, arr_0=images.permute(0, 2, 3, 1).numpy(), mu=stats["mu"], sigma=stats["sigma"],
+             mu_s=stats["mu_s"][order], sigma_s=stats["sigma_s"][np.ix_(order, order)])
+    assert pixelgen("score", str(tmp_path / "same.npz"), "--ref", str(adm), "--out", str(out),
+                    "--allow-random-weights", "--quiet").returncode == 0
+    assert json.loads(out.read_text())["sfid"] > 1e-2
+
+
+def test_spatial_features_are_the_first_channels_of_mixed_6d_in_tf_order():
+    from pixelgen.score import build_inception, spatial_features
+
+    net, _ = build_inception("/nonexistent", True, torch.device("cpu"))
+    blocks = []
+    handle = net.Mixed_6d.register_forward_hook(lambda module, inputs, output: blocks.append(output))
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad(), spatial_features(net) as maps:
+        net(images)
+    handle.remove()
+    block, feats = blocks[0], maps[0]
+    assert block.shape[1:] == (768, 17, 17) and feats.shape == (2, 2023)
+    # Mixed_6d concatenates [branch1x1, ...]: the first 7 block channels are the 1x1 branch ("mixed_6/conv")
+    n, c, h, w = 1, 5, 3, 11
+    assert feats[n, (h * 17 + w) * 7 + c] == block[n, c, h, w]
+    torch.testing.assert_close(feats, block[:, :7].permute(0, 2, 3, 1).reshape(2, -1))
+
+
+def test_a_reference_without_spatial_statistics_scores_everything_but_sfid(trained, tmp_path):
+    root, ckpt, shards, _ = trained
+    ref = tmp_path / "ref.npz"
+    assert pixelgen("ref-stats", str(shards), "--out", str(ref), "--allow-random-weights", "--quiet",
+                    "--max", "40").returncode == 0
+    old = {k: v for k, v in np.load(ref).items() if k not in ("mu_s", "sigma_s")}  # a file from before sFID
+    np.savez(ref, **old)
+    sample(ckpt, tmp_path / "s")
+    out = tmp_path / "metrics.json"
+    result = pixelgen("score", str(tmp_path / "s"), "--ref", str(ref), "--out", str(out), "--allow-random-weights",
+                      "--quiet")
+    assert result.returncode == 0, result.stderr
+    m = json.loads(out.read_text())
+    assert m["sfid"] is None and m["fid"] > 0 and "remake the ref-stats" in result.stdout
 
 
 def test_missing_inception_weights_is_a_one_line_error(trained, tmp_path):

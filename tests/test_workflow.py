@@ -95,7 +95,11 @@ def test_local_run_produces_the_results(local_run):
                  "metrics/baseline.json", "metrics/pixelgen.json"):
         assert (results / name).stat().st_size > 0, name
     metrics = json.loads((results / "metrics/pixelgen.json").read_text())
-    assert metrics["num_samples"] == 20 and metrics["weights"] == "random"
+    assert metrics["num_samples"] == 20 and metrics["weights"] == "random" and metrics["sfid"] > 0
+    import pandas as pd
+
+    csv = pd.read_csv(results / "table.csv").set_index("variant")
+    assert "sFID" in table and csv.loc["pixelgen", "sFID"] == pytest.approx(metrics["sfid"])
     # rerunning `all` finds nothing to do
     again = snakemake(local_run, "--cores", "2", "all", "--configfile", "config/test.yaml")
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr

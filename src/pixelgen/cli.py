@@ -121,7 +121,8 @@ def cmd_score(args) -> int:
                    weights_dir=args.weights_dir, allow_random=args.allow_random_weights, device=args.device,
                    mlflow_run_id=args.mlflow_run_id, progress=not args.quiet)
     label = "" if result["comparable"] else "  [random weights: NOT comparable to published numbers]"
-    print(f"FID {result['fid']:.2f}  IS {result['inception_score']:.2f}  precision {result['precision']:.3f}  "
+    sfid = "n/a (remake the ref-stats)" if result["sfid"] is None else f"{result['sfid']:.2f}"
+    print(f"FID {result['fid']:.2f}  sFID {sfid}  IS {result['inception_score']:.2f}  precision {result['precision']:.3f}  "
           f"recall {result['recall']:.3f}  KID {result['kid']:.4f}  ({result['num_samples']} samples){label}")
     return 0
 

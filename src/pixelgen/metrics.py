@@ -13,6 +13,39 @@ def feature_statistics(features: np.ndarray) -> dict[str, np.ndarray]:
     return {"mu": f.mean(0), "sigma": np.cov(f, rowvar=False)}
 
 
+class RunningStatistics:
+    """Mean and covariance of features that arrive in batches, without keeping them (sFID's 2023-dim spatial
+    features of 50K images would take 400 MB). Merges batches with Chan et al.'s pairwise update, which stays
+    exact where the naive sum-of-squares formula cancels catastrophically for features with a large mean."""
+
+    def __init__(self):
+        self.count = 0
+        self.mean: np.ndarray | None = None
+        self.m2: np.ndarray | None = None  # sum of outer products of deviations from the mean
+
+    def update(self, features) -> None:
+        f = np.asarray(features, dtype=np.float64)
+        if len(f) == 0:
+            return
+        n_b, mean_b = len(f), f.mean(0)
+        centred = f - mean_b
+        m2_b = centred.T @ centred
+        if self.count == 0:
+            self.count, self.mean, self.m2 = n_b, mean_b, m2_b
+            return
+        n = self.count + n_b
+        delta = mean_b - self.mean
+        self.m2 = self.m2 + m2_b + np.outer(delta, delta) * (self.count * n_b / n)
+        self.mean = self.mean + delta * (n_b / n)
+        self.count = n
+
+    def statistics(self) -> dict[str, np.ndarray]:
+        """The same numbers as feature_statistics of all the features seen (unbiased covariance, like np.cov)."""
+        if self.count < 2:
+            raise ValueError(f"covariance needs at least 2 samples, got {self.count}")
+        return {"mu": self.mean, "sigma": self.m2 / (self.count - 1)}
+
+
 def fid(stats_a: dict, stats_b: dict) -> float:
     import warnings
 

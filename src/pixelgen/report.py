@@ -12,7 +12,7 @@ import yaml
 
 from .errors import PixelgenError
 
-COLUMNS = [("fid", "FID"), ("inception_score", "IS"), ("precision", "Prec"), ("recall", "Rec")]
+COLUMNS = [("fid", "FID"), ("sfid", "sFID"), ("inception_score", "IS"), ("precision", "Prec"), ("recall", "Rec")]
 
 
 def load_grid(path: Path) -> dict:
@@ -42,7 +42,7 @@ def results_table(grid: dict, metrics_dir: Path) -> pd.DataFrame:
         row = {"variant": name, "description": (variant or {}).get("description", "")}
         for key, label in COLUMNS:
             row[label] = ours.get(key)
-            row[f"{label} (paper)"] = paper.get(label.lower() if label != "IS" else "is")
+            row[f"{label} (paper)"] = paper.get({"IS": "is", "sFID": "sfid"}.get(label, label.lower()))
         row["samples"] = ours.get("num_samples")
         row["weights"] = ours.get("weights", "missing")
         rows.append(row)
@@ -58,12 +58,13 @@ def to_markdown(table: pd.DataFrame, title: str) -> str:
     if random:
         lines += ["**Metrics marked with † were computed with randomly initialised encoder/Inception weights: "
                   "they show the pipeline works, and are not comparable to the paper's numbers.**", ""]
-    header = "| variant | FID | FID (paper) | IS | IS (paper) | Prec | Prec (paper) | Rec | Rec (paper) | samples |"
-    lines += [header, "|" + "---|" * 10]
+    header = ("| variant | FID | FID (paper) | sFID | sFID (paper) | IS | IS (paper) | Prec | Prec (paper) | Rec "
+              "| Rec (paper) | samples |")
+    lines += [header, "|" + "---|" * 12]
     for _, r in table.iterrows():
         mark = " †" if r["weights"] == "random" else ""
         cells = [f"{r['variant']}{mark}"]
-        for label, digits in (("FID", 2), ("IS", 1), ("Prec", 2), ("Rec", 2)):
+        for label, digits in (("FID", 2), ("sFID", 2), ("IS", 1), ("Prec", 2), ("Rec", 2)):
             cells += [fmt(r[label], digits), fmt(r[f"{label} (paper)"], digits)]
         cells.append("" if pd.isna(r["samples"]) else str(int(r["samples"])))
         lines.append("| " + " | ".join(cells) + " |")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -21,6 +23,8 @@ from . import metrics, weights
 from .errors import PixelgenError
 
 MAX_PR_FEATURES = 10_000  # the ADM suite uses 10K reference images for precision/recall
+# sFID as in the ADM suite: the first 7 channels of TF-Inception's 17x17 "mixed_6/conv" map, 7 * 17 * 17 = 2023
+SPATIAL_CHANNELS = 7
 
 
 def build_inception(weights_dir: str | None, allow_random: bool, device) -> tuple[torch.nn.Module, bool]:
@@ -54,22 +58,47 @@ def _inception_from_state(state: dict):
                                            feature_extractor_weights_path=f.name)
 
 
+@dataclass
+class InceptionOutputs:
+    features: np.ndarray  # (N, 2048) pool3, float32
+    logits: np.ndarray  # (N, 1008) unbiased logits, float32
+    spatial: metrics.RunningStatistics  # mean/covariance of the (N, 2023) sFID features
+
+
+@contextmanager
+def spatial_features(net):
+    """Collect the sFID features while `net` runs. The TF graph's blocks mixed, mixed_1, ..., mixed_10 are
+    torch-fidelity's Mixed_5b ... Mixed_7c, so "mixed_6" is Mixed_6d and its "conv" is the 1x1 branch. Flattened
+    in TF's (H, W, C) order, so that our statistics line up with the ADM reference batch's mu_s / sigma_s."""
+    captured: list[torch.Tensor] = []
+
+    def keep(module, inputs, output):
+        captured.append(output[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1).float().cpu())
+
+    handle = net.Mixed_6d.branch1x1.register_forward_hook(keep)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def inception_outputs(net, batches: Iterator[torch.Tensor], device, total: int | None = None,
-                      progress: bool = True, desc: str = "inception") -> tuple[np.ndarray, np.ndarray]:
-    """uint8 (B, 3, H, W) batches -> pool3 features (N, 2048) float32 and unbiased logits (N, 1008)."""
+                      progress: bool = True, desc: str = "inception") -> InceptionOutputs:
+    """uint8 (B, 3, H, W) batches -> pool3 features, unbiased logits and the sFID feature statistics."""
     from tqdm import tqdm
 
-    feats, logits = [], []
-    with tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar:
+    feats, logits, spatial = [], [], metrics.RunningStatistics()
+    with tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar, spatial_features(net) as maps:
         for batch in batches:
             f, l = net(batch.to(device))
             feats.append(f.float().cpu().numpy())
             logits.append(l.float().cpu().numpy())
+            spatial.update(maps.pop().numpy())
             bar.update(len(batch))
     if not feats:
         raise PixelgenError("no images to score")
-    return np.concatenate(feats), np.concatenate(logits)
+    return InceptionOutputs(np.concatenate(feats), np.concatenate(logits), spatial)
 
 
 def shard_batches(shard_dir: Path, batch_size: int, limit: int | None) -> Iterator[torch.Tensor]:
@@ -128,36 +157,41 @@ def ref_stats(shard_dir: Path, out: Path, *, batch_size: int = 100, limit: int |
     net, real = build_inception(weights_dir, allow_random, dev)
     total = ShardStream(shard_dir, 1).num_samples
     total = min(total, limit) if limit else total
-    feats, _ = inception_outputs(net, shard_batches(Path(shard_dir), batch_size, limit), dev, total, progress,
-                                 "ref-stats")
+    outputs = inception_outputs(net, shard_batches(Path(shard_dir), batch_size, limit), dev, total, progress,
+                                "ref-stats")
+    feats = outputs.features
     stats = metrics.feature_statistics(feats)
+    spatial = outputs.spatial.statistics()
     keep = np.random.RandomState(0).permutation(len(feats))[:MAX_PR_FEATURES]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".part")
     with open(tmp, "wb") as f:
-        np.savez(f, mu=stats["mu"], sigma=stats["sigma"], features=feats[np.sort(keep)],
+        np.savez(f, mu=stats["mu"], sigma=stats["sigma"], mu_s=spatial["mu"], sigma_s=spatial["sigma"],
+                 features=feats[np.sort(keep)],
                  num=len(feats), weights_real=real, source=str(shard_dir))
     tmp.replace(out)
     return {"num": len(feats), "weights_real": real}
 
 
 def load_reference(ref: Path, net, device, batch_size: int, progress: bool) -> dict:
-    """Our ref-stats file, or the ADM reference batch (VIRTUAL_imagenet256_labeled.npz: arr_0 images, mu, sigma)."""
+    """Our ref-stats file, or the ADM reference batch (VIRTUAL_imagenet256_labeled.npz: arr_0 images, mu, sigma,
+    and mu_s, sigma_s for sFID). "spatial" is None for a ref-stats file made before sFID was computed."""
     if not Path(ref).is_file():
         raise PixelgenError(f"reference statistics not found: {ref} (make them with `pixelgen ref-stats SHARDS "
                             f"--out {ref}`, or pass the ADM reference batch .npz)")
     data = np.load(ref)
+    spatial = {"mu": data["mu_s"], "sigma": data["sigma_s"]} if "mu_s" in data and "sigma_s" in data else None
     if "features" in data:
         return {"mu": data["mu"], "sigma": data["sigma"], "features": data["features"], "num": int(data["num"]),
-                "weights_real": bool(data["weights_real"]), "kind": "pixelgen ref-stats"}
+                "spatial": spatial, "weights_real": bool(data["weights_real"]), "kind": "pixelgen ref-stats"}
     if "arr_0" in data and "mu" in data and "sigma" in data:
         images = data["arr_0"][:MAX_PR_FEATURES]
         batches = (torch.from_numpy(images[i:i + batch_size]).permute(0, 3, 1, 2)
                    for i in range(0, len(images), batch_size))
-        feats, _ = inception_outputs(net, batches, device, len(images), progress, "reference batch")
+        feats = inception_outputs(net, batches, device, len(images), progress, "reference batch").features
         return {"mu": data["mu"], "sigma": data["sigma"], "features": feats, "num": len(data["arr_0"]),
-                "weights_real": True, "kind": "ADM reference batch"}
+                "spatial": spatial, "weights_real": True, "kind": "ADM reference batch"}
     raise PixelgenError(f"{ref} is neither a pixelgen ref-stats file nor an ADM reference batch "
                         f"(expected keys mu, sigma and features or arr_0)")
 
@@ -173,8 +207,9 @@ def score(samples: Path, ref: Path, out: Path, *, batch_size: int = 100, weights
     dev = pick_device(device, 0)
     net, real = build_inception(weights_dir, allow_random, dev)
     reference = load_reference(Path(ref), net, dev, batch_size, progress)
-    feats, logits = inception_outputs(net, sample_batches(samples, batch_size), dev, count_samples(samples),
-                                      progress, "score")
+    outputs = inception_outputs(net, sample_batches(samples, batch_size), dev, count_samples(samples),
+                                progress, "score")
+    feats, logits = outputs.features, outputs.logits
     is_mean, is_std = metrics.inception_score(logits)
     kid_mean, kid_std = metrics.kid(feats, reference["features"])
     precision, recall = metrics.precision_recall(reference["features"], feats[:MAX_PR_FEATURES])
@@ -182,6 +217,8 @@ def score(samples: Path, ref: Path, out: Path, *, batch_size: int = 100, weights
     weights_real = real and reference["weights_real"] and bool(manifest.get("encoders_real", True))
     result = {
         "fid": metrics.fid(metrics.feature_statistics(feats), reference),
+        # None where the reference has no spatial statistics (a ref-stats file from before sFID: remake it)
+        "sfid": metrics.fid(outputs.spatial.statistics(), reference["spatial"]) if reference["spatial"] else None,
         "inception_score": is_mean, "inception_score_std": is_std,
         "kid": kid_mean, "kid_std": kid_std, "precision": precision, "recall": recall,
         "num_samples": len(feats), "reference": str(ref), "reference_kind": reference["kind"],
@@ -225,7 +262,8 @@ def _log_to_training_run(result: dict, out: Path, manifest: dict, run_id: str | 
 
     step = int(result["sampling"].get("ckpt_step", 0))
     now = int(time.time() * 1000)
-    keys = ("fid", "inception_score", "kid", "precision", "recall")
-    with_retries(client.log_batch, run_id, metrics=[Metric(f"eval/{k}", float(result[k]), now, step) for k in keys])
+    keys = ("fid", "sfid", "inception_score", "kid", "precision", "recall")
+    with_retries(client.log_batch, run_id, metrics=[Metric(f"eval/{k}", float(result[k]), now, step)
+                                                    for k in keys if result[k] is not None])
     with_retries(client.set_tag, run_id, "eval_weights", result["weights"])
     with_retries(client.log_artifact, run_id, str(out), "eval")
