@@ -190,3 +190,28 @@ def test_inception_from_a_weight_file_is_used(trained, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "RANDOM" in result.stdout  # a file, but not the published one
     assert int(np.load(tmp_path / "r.npz")["num"]) == 40
+
+
+def test_sample_takes_sampling_overrides_over_the_checkpoint_config(trained, tmp_path):
+    _, ckpt, _, _ = trained
+    config = tmp_path / "sampling.yaml"
+    config.write_text("model: {size: tiny}\nsampling: {sampler: heun, shift: 2.0}\n")
+    result = pixelgen("sample", "--ckpt", str(ckpt), "--num", "4", "--out", str(tmp_path / "s"), "--quiet",
+                      "--config", str(config), "--set", "sampling.steps=2", "--set", "sampling.cfg=1.5")
+    assert result.returncode == 0, result.stderr
+    settings = json.loads((tmp_path / "s/samples.json").read_text())
+    assert (settings["sampler"], settings["steps"], settings["cfg"], settings["shift"]) == ("heun", 2, 1.5, 2.0)
+    # an explicit flag wins over --set
+    result = pixelgen("sample", "--ckpt", str(ckpt), "--num", "4", "--out", str(tmp_path / "t"), "--quiet",
+                      "--set", "sampling.steps=5", "--steps", "2")
+    assert result.returncode == 0 and json.loads((tmp_path / "t/samples.json").read_text())["steps"] == 2
+    for bad, named in [("sampling.stepz=3", "sampling.stepz"), ("sampling.steps=many", "sampling.steps"),
+                       ("loss.gate=0.5", "loss.gate")]:
+        result = pixelgen("sample", "--ckpt", str(ckpt), "--num", "4", "--out", str(tmp_path / "u"), "--quiet",
+                          "--set", bad)
+        assert result.returncode == 2 and named in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "u").exists() or not list((tmp_path / "u").glob("samples-*.tar"))
+    config.write_text("sampling: {sampler: heun}\nloss: {gatee: 0.1}\n")  # a typo elsewhere in the file still fails
+    result = pixelgen("sample", "--ckpt", str(ckpt), "--num", "4", "--out", str(tmp_path / "v"), "--quiet",
+                      "--config", str(config))
+    assert result.returncode == 2 and "loss.gatee" in result.stderr

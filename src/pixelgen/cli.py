@@ -1,4 +1,6 @@
-"""The `pixelgen` command line: one subcommand per job. Every job takes --config FILE and repeatable --set k=v."""
+"""The `pixelgen` command line: one subcommand per job. The jobs with a model config (train, sample, config) take
+--config FILE and repeatable --set key.sub=value, validated against the packaged schema; ref-stats and score
+measure images and have no config to override, only flags."""
 
 from __future__ import annotations
 
@@ -94,7 +96,7 @@ def cmd_sample(args) -> int:
                             cfg=args.cfg, interval=tuple(args.interval) if args.interval else None,
                             shift=args.shift, batch_size=args.batch_size, shard_size=args.shard_size,
                             part=args.part, seed=args.seed, npz=args.npz, device=args.device,
-                            progress=not args.quiet)
+                            progress=not args.quiet, config_file=args.config, overrides=tuple(args.overrides))
     if manifest is not None:
         print(f"{manifest['num']} samples complete in {args.out} ({manifest['sampler']}-{manifest['steps']}, "
               f"guidance {manifest['cfg']})")
@@ -201,12 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("sample", help="class-balanced EMA samples from a checkpoint, as PNG shards (resumable)",
                         description="Sample --num class-balanced images (image i has class i %% C and noise "
-                                    "seeded by i) with the checkpoint's EMA weights. Unset options come from the "
-                                    "checkpoint's sampling config. Resumable; split across jobs with --part; "
-                                    "multi-GPU under torchrun.")
+                                    "seeded by i) with the checkpoint's EMA weights. Settings: the checkpoint's "
+                                    "sampling section, then --config's, then --set sampling.*, then the explicit "
+                                    "flags. Resumable; split across jobs with --part; multi-GPU under torchrun.")
     sp.add_argument("--ckpt", required=True, help="a checkpoint written by pixelgen train")
     sp.add_argument("--num", type=int, required=True, help="number of images (50000 for the ImageNet evaluation)")
     sp.add_argument("--out", required=True, help="output folder (samples-*.tar, samples.json)")
+    sp.add_argument("--config", metavar="FILE", help="YAML whose sampling section overrides the checkpoint's")
+    sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="sampling.KEY=VALUE",
+                    help="override one sampling value (repeatable), e.g. --set sampling.shift=2.0")
     sp.add_argument("--sampler", choices=["euler", "heun"], help="ODE solver (default: from the checkpoint config)")
     sp.add_argument("--steps", type=int, help="solver steps (Heun-50 = 99 evaluations)")
     sp.add_argument("--cfg", type=float, help="guidance scale (1.0 = no unconditional pass)")
@@ -221,16 +226,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     sp.set_defaults(func=cmd_sample)
 
-    r = sub.add_parser("ref-stats", help="reference Inception statistics (FID mu/sigma + features) of a shard set",
+    r = sub.add_parser("ref-stats", help="reference Inception statistics (FID/sFID mu/sigma + features) of a shard set",
                        description="Inception pool3 features of the images in a shard folder: mean, covariance "
-                                   "and up to 10,000 features (for precision/recall and KID), saved as .npz.")
+                                   "and up to 10,000 features (for precision/recall and KID), and the mean and "
+                                   "covariance of the spatial mixed_6/conv features (sFID), saved as .npz.")
     r.add_argument("shards", help="a folder made by pixelgen shard")
     r.add_argument("--out", required=True, help="output .npz")
     r.add_argument("--max", type=int, help="use at most this many images")
     add_inception_args(r)
     r.set_defaults(func=cmd_ref_stats)
 
-    sc = sub.add_parser("score", help="FID, IS, KID, precision/recall of samples against reference statistics",
+    sc = sub.add_parser("score", help="FID, sFID, IS, KID, precision/recall of samples against reference statistics",
                         description="Score a sample folder (or an ADM-format .npz) against pixelgen ref-stats or "
                                     "the ADM reference batch (VIRTUAL_imagenet256_labeled.npz). Writes metrics.json "
                                     "and logs the numbers to the training run in MLflow.")

@@ -118,21 +118,42 @@ def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:
     return config
 
 
+def read_config_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (pass an existing YAML file to --config)")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict:
     """Resolve a job's config: base, then the YAML file at `path` (if any), then `overrides`."""
     config = base_config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path} (pass an existing YAML file to --config)")
-        try:
-            user = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"config file {path} is not valid YAML{where}") from None
-        config = merge(config, user)
+        config = merge(config, read_config_file(path))
     return apply_overrides(config, overrides)
+
+
+def section_over(config: dict, section: str, path: str | Path | None, overrides: Iterable[str]) -> dict:
+    """One section of a resolved config (a checkpoint's, say) with a --config FILE's same section and
+    `--set section.key=value` items over it. The file is checked whole, so a typo anywhere in it still fails;
+    a --set outside the section fails too, because it would be silently ignored."""
+    result = {section: copy.deepcopy(config[section])}
+    if path is not None:
+        user = read_config_file(path)
+        merge(base_config(), user)  # validates the whole file
+        result = merge(result, {section: user.get(section) or {}})  # only the keys the file sets
+    overrides = list(overrides)
+    for item in overrides:
+        key = parse_override(item)[0]
+        if key[0] != section:
+            raise ConfigError(f"--set '{item}': only {section}.* settings apply here, "
+                              f"'{'.'.join(key)}' is fixed by the checkpoint")
+    return apply_overrides(result, overrides)[section]
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from . import checkpoint, distributed
+from .config import section_over
 from .errors import PixelgenError
 from .images import png_bytes, to_uint8
 from .model import build_model
@@ -88,8 +89,11 @@ def read_sample_images(out: Path) -> tuple[np.ndarray, np.ndarray]:
 def run_sampling(ckpt: Path, num: int, out: Path, *, sampler: str | None = None, steps: int | None = None,
                  cfg: float | None = None, interval: tuple[float, float] | None = None, shift: float | None = None,
                  batch_size: int = 64, shard_size: int = 1000, part: str = "0/1", seed: int = 0, npz: bool = False,
-                 device: str = "auto", progress: bool = True) -> dict | None:
-    """Sample this job's missing shards; write the manifest (and npz) once every shard exists."""
+                 device: str = "auto", progress: bool = True, config_file: str | Path | None = None,
+                 overrides: tuple[str, ...] = ()) -> dict | None:
+    """Sample this job's missing shards; write the manifest (and npz) once every shard exists.
+    Settings: the checkpoint's `sampling` section, then `config_file`'s and `overrides` (sampling.* only), then
+    the explicit arguments."""
     from tqdm import tqdm
 
     if num < 1 or batch_size < 1 or shard_size < 1:
@@ -98,7 +102,7 @@ def run_sampling(ckpt: Path, num: int, out: Path, *, sampler: str | None = None,
     try:
         model, state = load_ema_model(Path(ckpt))
         model = model.to(d.device)
-        sc = state["config"]["sampling"]
+        sc = section_over(state["config"], "sampling", config_file, overrides)
         settings = {"sampler": sampler or sc["sampler"], "steps": steps or sc["steps"],
                     "cfg": sc["cfg"] if cfg is None else cfg, "interval": list(interval or sc["interval"]),
                     "shift": sc["shift"] if shift is None else shift, "seed": seed, "num": num,
