@@ -12,7 +12,9 @@ import yaml
 
 from .errors import PixelgenError
 
-COLUMNS = [("fid", "FID"), ("sfid", "sFID"), ("inception_score", "IS"), ("precision", "Prec"), ("recall", "Rec")]
+# (metrics.json key, column label, decimals); a grid's `paper:` numbers use the lower-cased label as key
+COLUMNS = [("fid", "FID", 2), ("sfid", "sFID", 2), ("inception_score", "IS", 1), ("precision", "Prec", 2),
+           ("recall", "Rec", 2)]
 
 
 def load_grid(path: Path) -> dict:
@@ -40,9 +42,9 @@ def results_table(grid: dict, metrics_dir: Path) -> pd.DataFrame:
         ours = json.loads(path.read_text()) if path.exists() else {}
         paper = (variant or {}).get("paper", {}) if isinstance(variant, dict) else {}
         row = {"variant": name, "description": (variant or {}).get("description", "")}
-        for key, label in COLUMNS:
+        for key, label, _ in COLUMNS:
             row[label] = ours.get(key)
-            row[f"{label} (paper)"] = paper.get({"IS": "is", "sFID": "sfid"}.get(label, label.lower()))
+            row[f"{label} (paper)"] = paper.get(label.lower())
         row["samples"] = ours.get("num_samples")
         row["weights"] = ours.get("weights", "missing")
         rows.append(row)
@@ -58,13 +60,13 @@ def to_markdown(table: pd.DataFrame, title: str) -> str:
     if random:
         lines += ["**Metrics marked with † were computed with randomly initialised encoder/Inception weights: "
                   "they show the pipeline works, and are not comparable to the paper's numbers.**", ""]
-    header = ("| variant | FID | FID (paper) | sFID | sFID (paper) | IS | IS (paper) | Prec | Prec (paper) | Rec "
-              "| Rec (paper) | samples |")
-    lines += [header, "|" + "---|" * 12]
+    labels = [cell for _, label, _ in COLUMNS for cell in (label, f"{label} (paper)")]
+    header = "| " + " | ".join(["variant", *labels, "samples"]) + " |"
+    lines += [header, "|" + "---|" * (len(labels) + 2)]
     for _, r in table.iterrows():
         mark = " †" if r["weights"] == "random" else ""
         cells = [f"{r['variant']}{mark}"]
-        for label, digits in (("FID", 2), ("sFID", 2), ("IS", 1), ("Prec", 2), ("Rec", 2)):
+        for _, label, digits in COLUMNS:
             cells += [fmt(r[label], digits), fmt(r[f"{label} (paper)"], digits)]
         cells.append("" if pd.isna(r["samples"]) else str(int(r["samples"])))
         lines.append("| " + " | ".join(cells) + " |")

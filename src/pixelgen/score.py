@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -62,7 +62,7 @@ def _inception_from_state(state: dict):
 class InceptionOutputs:
     features: np.ndarray  # (N, 2048) pool3, float32
     logits: np.ndarray  # (N, 1008) unbiased logits, float32
-    spatial: metrics.RunningStatistics  # mean/covariance of the (N, 2023) sFID features
+    spatial: metrics.RunningStatistics | None  # mean/covariance of the (N, 2023) sFID features, if asked for
 
 
 @contextmanager
@@ -84,17 +84,20 @@ def spatial_features(net):
 
 @torch.no_grad()
 def inception_outputs(net, batches: Iterator[torch.Tensor], device, total: int | None = None,
-                      progress: bool = True, desc: str = "inception") -> InceptionOutputs:
-    """uint8 (B, 3, H, W) batches -> pool3 features, unbiased logits and the sFID feature statistics."""
+                      progress: bool = True, desc: str = "inception", with_spatial: bool = True) -> InceptionOutputs:
+    """uint8 (B, 3, H, W) batches -> pool3 features, unbiased logits and (with_spatial) the sFID statistics."""
     from tqdm import tqdm
 
-    feats, logits, spatial = [], [], metrics.RunningStatistics()
-    with tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar, spatial_features(net) as maps:
+    feats, logits = [], []
+    spatial = metrics.RunningStatistics() if with_spatial else None
+    with tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar, \
+            (spatial_features(net) if with_spatial else nullcontext()) as maps:
         for batch in batches:
             f, l = net(batch.to(device))
             feats.append(f.float().cpu().numpy())
             logits.append(l.float().cpu().numpy())
-            spatial.update(maps.pop().numpy())
+            if spatial is not None:
+                spatial.update(maps.pop().numpy())
             bar.update(len(batch))
     if not feats:
         raise PixelgenError("no images to score")
@@ -189,7 +192,9 @@ def load_reference(ref: Path, net, device, batch_size: int, progress: bool) -> d
         images = data["arr_0"][:MAX_PR_FEATURES]
         batches = (torch.from_numpy(images[i:i + batch_size]).permute(0, 3, 1, 2)
                    for i in range(0, len(images), batch_size))
-        feats = inception_outputs(net, batches, device, len(images), progress, "reference batch").features
+        # the batch carries its own mu_s/sigma_s: only the pool3 features (for precision/recall, KID) are needed
+        feats = inception_outputs(net, batches, device, len(images), progress, "reference batch",
+                                  with_spatial=False).features
         return {"mu": data["mu"], "sigma": data["sigma"], "features": feats, "num": len(data["arr_0"]),
                 "spatial": spatial, "weights_real": True, "kind": "ADM reference batch"}
     raise PixelgenError(f"{ref} is neither a pixelgen ref-stats file nor an ADM reference batch "
