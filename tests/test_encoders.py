@@ -1,9 +1,13 @@
 import pytest
+import timm
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
+from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from pixelgen.encoders import DINOFeatures, LPIPS
+from pixelgen import weights
+from pixelgen.encoders import DINOFeatures, LPIPS, official_pos_interp
 from pixelgen.errors import ConfigError, PixelgenError
 
 
@@ -27,8 +31,9 @@ def test_lpips_is_a_per_sample_distance(lpips_from_file):
     assert (lpips_from_file(a, a.flip(0))[[0, 2]] > 0).all()
 
 
-def test_dino_loads_the_safetensors_file(random_weights_dir):
-    dino = DINOFeatures(input_size=56, weights_dir=random_weights_dir)
+@pytest.mark.parametrize("pos_interp", ["official", "timm"])
+def test_dino_loads_the_safetensors_file(random_weights_dir, pos_interp):
+    dino = DINOFeatures(input_size=56, weights_dir=random_weights_dir, pos_interp=pos_interp)
     state = load_file(str(random_weights_dir / "vit_base_patch14_dinov2.lvd142m.safetensors"))
     assert torch.equal(dino.net.blocks[3].attn.qkv.weight, state["blocks.3.attn.qkv.weight"])
     assert dino.real is False and dino.depth == 12 and dino.embed_dim == 768
@@ -68,3 +73,52 @@ def test_encoders_are_frozen_but_pass_gradients_to_inputs(lpips_from_file):
     (lpips_from_file(x, torch.zeros_like(x)).sum() + dino(x, [12])[0].sum()).backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert all(p.grad is None for p in parent.parameters())
+
+
+def _hub_interp(pos_embed, grid):
+    """DINOv2 hub's interpolation written out independently: scale_factor (grid + 0.1) / 37, no antialiasing."""
+    patches = pos_embed[:, 1:].reshape(1, 37, 37, -1).permute(0, 3, 1, 2)
+    out = F.interpolate(patches, scale_factor=((grid + 0.1) / 37, (grid + 0.1) / 37), mode="bicubic", antialias=False)
+    assert out.shape[-2:] == (grid, grid)
+    return torch.cat([pos_embed[:, :1], out.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)], dim=1)
+
+
+def test_official_pos_interp_matches_dinov2_and_differs_from_timm():
+    pos = torch.randn(1, 1 + 37 * 37, 768) * 0.02
+    ours = official_pos_interp(pos, 16)
+    assert ours.shape == (1, 257, 768)
+    assert torch.equal(ours, _hub_interp(pos, 16))
+    assert torch.equal(ours[:, 0], pos[:, 0])  # class-token row untouched
+    timm_way = resample_abs_pos_embed(pos, new_size=[16, 16], num_prefix_tokens=1)
+    # the option matters: the two resamples disagree by a sizeable fraction of the embedding's own scale
+    assert (ours - timm_way).abs().mean() > 0.1 * timm_way.abs().mean()
+    assert official_pos_interp(pos, 37) is pos  # 518 px input: DINOv2 uses the grid as is
+
+
+def test_random_init_official_pos_embed_is_interpolated_from_37x37():
+    torch.manual_seed(3)
+    dino = DINOFeatures(input_size=224, random_init=True, pos_interp="official")
+    torch.manual_seed(3)  # the same seed rebuilds the 518 px model (37x37 grid) DINOFeatures derived its weights from
+    source = timm.create_model("vit_base_patch14_dinov2", num_classes=0)
+    assert source.pos_embed.shape == (1, 1 + 37 * 37, 768)
+    assert dino.net.pos_embed.shape == (1, 1 + 256, 768) and dino.grid == 16
+    assert torch.equal(dino.net.blocks[5].mlp.fc1.weight, source.blocks[5].mlp.fc1.weight)
+    assert torch.equal(dino.net.pos_embed, _hub_interp(source.pos_embed.detach(), 16))
+    assert [f.shape for f in dino(torch.rand(1, 3, 256, 256) * 2 - 1, [12])] == [(1, 256, 768)]
+
+
+def test_unknown_pos_interp_is_a_config_error():
+    with pytest.raises(ConfigError, match="dino_pos_interp") as err:
+        DINOFeatures("vit_small_patch14_dinov2", 56, random_init=True, pos_interp="bilinear")
+    assert "official" in str(err.value) and "timm" in str(err.value)
+
+
+def test_official_pos_interp_from_a_real_format_file(tmp_path):
+    weights.init_random(tmp_path, ["dinov2-b"], seed=1)  # timm safetensors of a random 518 px model, as published
+    state = load_file(str(tmp_path / weights.WEIGHT_FILES["dinov2-b"].filename))
+    assert state["pos_embed"].shape == (1, 1 + 37 * 37, 768)
+    dino = DINOFeatures(input_size=224, weights_dir=tmp_path, pos_interp="official")
+    loaded = dino.net.state_dict()
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items() if k != "pos_embed")
+    assert torch.equal(loaded["pos_embed"], _hub_interp(state["pos_embed"], 16))

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from pixelgen.losses import PixelGenLoss, gated_reduce, repa_block_for
+from pixelgen.denoiser import Denoiser, repa_block_for
+from pixelgen.losses import PixelGenLoss, gated_reduce
 from pixelgen.model import JiT, jit_config
 
 from conftest import small_config
@@ -11,11 +12,12 @@ FAST_ENCODERS = {"random_init": "true", "dino_model": "vit_small_patch14_dinov2"
 
 def make(loss=None, flow=None, encoders=None, image_size=16, patch_size=4):
     cfg = small_config(loss=loss or {}, flow=flow or {}, encoders={**FAST_ENCODERS, **(encoders or {})})
-    model = JiT(jit_config("tiny", image_size=image_size, patch_size=patch_size))
+    net = JiT(jit_config("tiny", image_size=image_size, patch_size=patch_size))
     with torch.no_grad():  # move off the adaLN-Zero start so every path carries signal
-        for p in model.parameters():
+        for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    criterion = PixelGenLoss(cfg, model.cfg.depth, model.cfg.width, model.cfg.grid)
+    criterion = PixelGenLoss(cfg, net.cfg.grid, net.cfg.patch_size)
+    model = Denoiser(net, repa_block_for(net.cfg.depth, cfg["loss"]["repa_block"]), criterion.repa_dim)
     return model, criterion
 
 
@@ -26,16 +28,16 @@ def count_calls(module):
 
 
 def test_perceptual_gradient_is_exactly_zero_below_the_gate_and_nonzero_above():
-    _, criterion = make(loss={"gate": 0.3})
+    _, criterion = make(loss={"gate": 0.3, "pdino_gated": "true"})
     t = torch.tensor([0.1, 0.3, 0.31, 0.5, 0.2, 0.9])
     x = torch.rand(6, 3, 16, 16) * 2 - 1
     x_hat = (x + 0.3 * torch.randn_like(x)).requires_grad_()
     index, lp, pd = criterion.perceptual(x_hat, x, t)
-    assert index.tolist() == [2, 3, 5]  # strictly t > gate: 0.3 itself is not gated in
+    assert index.tolist() == [1, 2, 3, 5]  # t >= gate, as the official mask: 0.3 itself is gated in
     (lp.sum() + pd.sum()).backward()
     per_sample = x_hat.grad.abs().flatten(1).sum(1)
-    assert torch.all(per_sample[t <= 0.3] == 0)
-    assert torch.all(per_sample[t > 0.3] > 0)
+    assert torch.all(per_sample[t < 0.3] == 0)
+    assert torch.all(per_sample[t >= 0.3] > 0)
 
 
 def test_official_broadcast_bug_is_real_and_cannot_happen_here():
@@ -61,11 +63,11 @@ def test_official_broadcast_bug_is_real_and_cannot_happen_here():
 
 
 def test_encoders_see_only_the_gated_samples():
-    model, criterion = make(loss={"gate": 0.3})
+    model, criterion = make(loss={"gate": 0.3, "pdino_gated": "true"})
     lpips_sizes, dino_sizes = count_calls(criterion.lpips.net), count_calls(criterion.dino)
     gen = torch.Generator().manual_seed(3)
     out = criterion(model, torch.rand(16, 3, 16, 16) * 2 - 1, torch.randint(0, 10, (16,)), generator=gen)
-    gated = int((out.t > 0.3).sum())
+    gated = int((out.t >= 0.3).sum())
     assert 0 < gated < 16 and out.terms["gated_fraction"] == gated / 16
     assert lpips_sizes == [gated]
     # DINO: once on the clean batch (REPA target, reused for P-DINO), once on the gated predictions
@@ -100,7 +102,7 @@ def test_total_is_the_weighted_sum_of_the_terms():
 
 
 def test_reductions_differ_by_the_gated_fraction():
-    model, criterion = make()
+    model, criterion = make(loss={"pdino_gated": "true"})
     outs = {}
     for reduction in ("gated_mean", "batch_mean"):
         criterion.cfg["perceptual_reduction"] = reduction
@@ -116,12 +118,13 @@ def test_backward_reaches_model_and_projector_but_not_encoders():
     model, criterion = make()
     out = criterion(model, torch.rand(8, 3, 16, 16) * 2 - 1, torch.randint(0, 10, (8,)))
     out.total.backward()
-    assert all(p.grad is not None for p in criterion.projector.parameters())
-    assert model.x_embed.proj[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in model.projector.parameters())
+    assert model.net.x_embed.proj[0].weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in criterion.lpips.parameters())
     assert all(p.grad is None for p in criterion.dino.parameters())
     assert criterion.encoders_real is False
-    assert set(criterion.trainable_state_dict()) == {k for k in criterion.projector.state_dict()}
+    assert {k for k in model.state_dict() if k.startswith("projector.")} == {
+        f"projector.{k}" for k in model.projector.state_dict()}
 
 
 def test_repa_works_when_dino_and_model_grids_differ():
@@ -131,8 +134,8 @@ def test_repa_works_when_dino_and_model_grids_differ():
 
 
 def test_zero_weights_build_no_encoders():
-    _, criterion = make(loss={"lpips_weight": 0.0, "pdino_weight": 0.0, "repa_weight": 0.0})
-    assert criterion.lpips is None and criterion.dino is None and criterion.projector is None
+    model, criterion = make(loss={"lpips_weight": 0.0, "pdino_weight": 0.0, "repa_weight": 0.0})
+    assert criterion.lpips is None and criterion.dino is None and model.projector is None
 
 
 def test_repa_block_default_and_bounds():
@@ -142,3 +145,53 @@ def test_repa_block_default_and_bounds():
 
     with pytest.raises(ConfigError, match="repa_block"):
         repa_block_for(6, 9)
+
+
+def test_pdino_ungated_by_default_runs_on_the_whole_batch_as_the_official_code():
+    # the official (B, N) x (B, 1, 1) mask averages P-DINO over every sample once any is gated: reproduced here
+    model, criterion = make(loss={"gate": 0.3, "repa_weight": 0.0})
+    assert criterion.cfg["pdino_gated"] is False
+    t = torch.tensor([0.1, 0.5, 0.2, 0.9])
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    x_hat = (x + 0.3 * torch.randn_like(x)).requires_grad_()
+    index, lp, pd = criterion.perceptual(x_hat, x, t)
+    assert index.tolist() == [1, 3] and lp.shape == (2,) and pd.shape == (4,)
+    pd.mean().backward()
+    assert torch.all(x_hat.grad.abs().flatten(1).sum(1) > 0)  # every sample, the noisy ones included
+    # the official expression gives the same number: mean of the cosine over the whole batch
+    with torch.no_grad():
+        pred = criterion.dino(x_hat, [12])[0]
+        clean = criterion.dino(x, [12])[0]
+        cos = torch.nn.functional.cosine_similarity(pred, clean, dim=-1)
+        mask = (t >= 0.3).float().reshape(4, 1, 1)
+        official = 1 - (cos * mask).mean(dim=(1, 2)).sum() / mask.sum()
+    assert pd.mean().item() == pytest.approx(official.item(), rel=1e-5)
+    # no gated sample: no P-DINO at all (the official term is then the constant 1, with no gradient)
+    index, lp, pd = criterion.perceptual(x_hat, x, torch.full((4,), 0.1))
+    assert index.numel() == 0 and pd.numel() == 0
+
+
+def test_adaptive_perceptual_weight_follows_the_gradient_ratio_from_its_start_step():
+    model, criterion = make(loss={"adaptive_weight_start": 100, "adaptive_weight_every": 50, "gate": 0.0})
+    x, y = torch.rand(4, 3, 16, 16) * 2 - 1, torch.randint(0, 10, (4,))
+    last = model.last_layer
+    for step in (0, 99, 120):  # before the start, and a step that is not a multiple of `every`
+        out = criterion(model, x, y, generator=torch.Generator().manual_seed(0), step=step, last_layer=last)
+        assert out.terms["perceptual_weight"] == 1.0
+    out = criterion(model, x, y, generator=torch.Generator().manual_seed(0), step=150, last_layer=last)
+    # recompute the official formula for the same draw
+    gen = torch.Generator().manual_seed(0)
+    from pixelgen import flow
+    t = flow.sample_t(4, -0.8, 0.8, generator=gen)
+    eps = torch.randn(x.shape, generator=gen)
+    z = flow.interpolate(x, eps, t)
+    x_hat, _ = model(z, t, y)
+    fm = flow.velocity_loss(flow.x_to_v(x_hat, z, t, 0.05), flow.velocity_target(x, eps)).mean()
+    _, lp, pd = criterion.perceptual(x_hat, x, t)
+    percept = 0.1 * lp.mean() + 0.01 * pd.mean()
+    g_fm = torch.autograd.grad(fm, last, retain_graph=True)[0]
+    g_pc = torch.autograd.grad(percept, last)[0]
+    w = float((g_fm.norm() / (g_pc.norm() + 1e-4)).clamp(0, 100))
+    assert out.terms["perceptual_weight"] == pytest.approx(0.8 * 1.0 + 0.2 * w, rel=1e-4)
+    assert out.terms["loss"] == pytest.approx(out.terms["fm"] + 0.5 * out.terms["repa"] + out.terms["perceptual_weight"]
+                                              * (0.1 * out.terms["lpips"] + 0.01 * out.terms["pdino"]), rel=1e-5)

@@ -54,15 +54,140 @@ def test_inception_score_of_known_distributions():
     classes = 20
     confident_uniform = np.eye(1008)[np.arange(2000) % classes] * 50.0  # sure of each class, classes balanced
     # one split: the marginal is exactly uniform over 20 classes, so IS = exp(KL) = 20
-    mean, std = metrics.inception_score(confident_uniform, splits=1)
+    mean, std = metrics.inception_score(confident_uniform, mode="torch-fidelity", splits=1)
     assert mean == pytest.approx(classes, rel=1e-6) and std == 0
     # ten shuffled splits see slightly unbalanced marginals: a little below 20, never above
-    mean, std = metrics.inception_score(confident_uniform, splits=10)
+    mean, std = metrics.inception_score(confident_uniform, mode="torch-fidelity", splits=10)
     assert 18.5 < mean < 20 and std < 0.5
     uninformative = np.zeros((2000, 1008))
     assert metrics.inception_score(uninformative)[0] == pytest.approx(1.0)
     one_class = np.eye(1008)[np.zeros(2000, dtype=int)] * 50.0  # confident but always the same class
     assert metrics.inception_score(one_class)[0] == pytest.approx(1.0, abs=1e-3)
+    # probabilities that underflow to exactly 0 (and classes nobody predicts) add nothing, rather than NaN
+    certain = np.eye(1008)[np.arange(2000) % classes] * 1000.0
+    assert metrics.inception_score(certain) == (pytest.approx(classes, rel=1e-12), 0.0)
+
+
+def numpy_adm_inception_score(logits, split_size=5000):
+    """The ADM evaluator's formula, written out: softmax, contiguous splits, exp(mean KL(p || split marginal))."""
+    x = logits.astype(np.float64)
+    p = np.exp(x - x.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    scores = []
+    for i in range(0, len(p), split_size):
+        part = p[i:i + split_size]
+        scores.append(np.exp(np.mean(np.sum(part * (np.log(part) - np.log(part.mean(0, keepdims=True))), 1))))
+    return scores
+
+
+def test_adm_inception_score_uses_contiguous_5000_splits():
+    rng = np.random.RandomState(6)
+    # 12,000 images, so splits of 5000, 5000 and 2000; the first 5000 use only 30 classes, the rest 600, so the
+    # contiguous splits score very differently, while shuffled splits all look alike
+    classes = np.concatenate([rng.randint(0, 30, 5000), rng.randint(0, 600, 7000)])
+    logits = (rng.randn(12000, 1008) + 8.0 * np.eye(1008)[classes]).astype(np.float32)
+    expected = numpy_adm_inception_score(logits)
+    assert len(expected) == 3 and max(expected) > 2 * min(expected)
+    mean, std = metrics.inception_score(logits)  # ADM mode is the default
+    assert mean == pytest.approx(np.mean(expected), rel=1e-9) and std == pytest.approx(np.std(expected), rel=1e-9)
+    assert metrics.inception_score(logits, mode="adm", split_size=5000) == (mean, std)
+    tf_mean, tf_std = metrics.inception_score(logits, mode="torch-fidelity")
+    assert abs(tf_mean - mean) > 2 and tf_std < 0.1 * std
+    # other split sizes are honoured: one split of everything
+    assert metrics.inception_score(logits, split_size=12000)[0] == pytest.approx(numpy_adm_inception_score(logits, 12000)[0], rel=1e-9)
+    with pytest.raises(ValueError, match="mode"):
+        metrics.inception_score(logits, mode="tf")
+
+
+def numpy_adm_squared_distances(u, v):
+    """ADM's DistanceBlock in numpy: max(|u|^2 - 2 u.v + |v|^2, 0) in float16 (matmul summed in float32 and
+    rounded once), the whole block in float32 when a float16 value is not finite."""
+    u16, v16 = u.astype(np.float16), v.astype(np.float16)
+    nu = (u16 * u16).astype(np.float32).sum(1).astype(np.float16)
+    nv = (v16 * v16).astype(np.float32).sum(1).astype(np.float16)
+    mm = (u16.astype(np.float32) @ v16.astype(np.float32).T).astype(np.float16)
+    d = nu[:, None] - np.float16(2) * mm + nv[None]
+    if not np.isfinite(d).all():
+        u32, v32 = u.astype(np.float32), v.astype(np.float32)
+        d = (u32 * u32).sum(1)[:, None] - 2 * (u32 @ v32.T) + (v32 * v32).sum(1)[None]
+    return np.maximum(d, 0).astype(np.float32)
+
+
+def numpy_exact_distances(u, v):
+    return np.sqrt(((u[:, None].astype(np.float64) - v[None].astype(np.float64)) ** 2).sum(-1))
+
+
+def numpy_precision_recall(real, fake, dist, k=3):
+    """Brute force: radius = index k of each point's sorted distances within its own set (itself included);
+    precision = share of fakes within some real ball, recall = share of reals within some fake ball."""
+    real_radii = np.sort(dist(real, real), 1)[:, k]
+    fake_radii = np.sort(dist(fake, fake), 1)[:, k]
+    precision = (dist(fake, real) <= real_radii[None]).any(1).mean()
+    recall = (dist(real, fake) <= fake_radii[None]).any(1).mean()
+    return float(precision), float(recall)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_precision_recall_matches_a_brute_force_reference(seed):
+    rng = np.random.RandomState(seed)
+    # non-negative like pool3 features; the two sets differ in scale and offset, so P/R are strictly inside (0, 1)
+    real = np.abs(rng.randn(300, 64)).astype(np.float32)
+    fake = (np.abs(rng.randn(280, 64)) * 1.05 + 0.05).astype(np.float32)
+    adm = metrics.precision_recall(real, fake, chunk=64)  # chunks that do not divide the set sizes
+    assert adm == numpy_precision_recall(real, fake, numpy_adm_squared_distances)
+    assert all(0.05 < x < 0.95 for x in adm)
+    exact = metrics.precision_recall(real, fake, chunk=64, distance="exact")
+    assert exact == numpy_precision_recall(real, fake, numpy_exact_distances)
+    # float16 rounding moves at most a few points across a ball's border
+    assert np.allclose(adm, exact, atol=0.03)
+
+
+def test_adm_distances_fall_back_to_float32_where_float16_overflows():
+    rng = np.random.RandomState(7)
+    # squared norms of about 64 * 300^2 overflow float16 (max 65504): without the float32 redo every distance is
+    # inf or nan and no point is inside any ball
+    real = (rng.randn(200, 64) * 300).astype(np.float32)
+    fake = (rng.randn(200, 64) * 360 + 40).astype(np.float32)
+    adm = metrics.precision_recall(real, fake, chunk=50)
+    with np.errstate(over="ignore", invalid="ignore"):  # the float16 overflow the reference falls back from
+        assert not np.isfinite((real.astype(np.float32) ** 2).sum(1).astype(np.float16)).any()
+        assert adm == numpy_precision_recall(real, fake, numpy_adm_squared_distances)
+    assert adm == metrics.precision_recall(real, fake, distance="exact") and all(0 < x < 1 for x in adm)
+
+
+@pytest.mark.parametrize("distance", ["adm", "exact"])
+def test_precision_recall_uses_every_sample_and_every_reference(distance):
+    rng = np.random.RandomState(8)
+    real = rng.randn(200, 8).astype(np.float32)
+    far = real + 100.0
+    # the samples: copies of the reference, then as many far away; a prefix of the samples would give precision 1
+    precision, recall = metrics.precision_recall(real, np.concatenate([real, far]), chunk=64, distance=distance)
+    assert precision == 0.5 and recall == 1.0
+    # the same with the roles swapped: half of the reference is never reached
+    precision, recall = metrics.precision_recall(np.concatenate([real, far]), real, chunk=64, distance=distance)
+    assert precision == 1.0 and recall == 0.5
+
+
+def test_adm_and_exact_distances_agree_on_well_separated_data():
+    rng = np.random.RandomState(9)
+    centres = rng.randn(4, 16) * 5
+    real = np.concatenate([c + 0.3 * rng.randn(75, 16) for c in centres]).astype(np.float32)
+    # copies of the first two blobs, and two blobs that no reference point is near
+    far = np.concatenate([c + 25 + 0.3 * rng.randn(75, 16) for c in centres[:2]])
+    fake = np.concatenate([real[:150], far]).astype(np.float32)
+    adm = metrics.precision_recall(real, fake)
+    assert adm == metrics.precision_recall(real, fake, distance="exact") == (0.5, 0.5)
+
+
+def test_precision_recall_needs_more_than_k_points_in_each_set():
+    rng = np.random.RandomState(10)
+    with pytest.raises(ValueError, match=r"k = 3 .* got 3 reference and 50 samples"):
+        metrics.precision_recall(rng.randn(3, 4), rng.randn(50, 4))
+    with pytest.raises(ValueError, match=r"k = 5 .* got 50 reference and 5 samples"):
+        metrics.precision_recall(rng.randn(50, 4), rng.randn(5, 4), k=5)
+    assert metrics.precision_recall(rng.randn(4, 4), rng.randn(4, 4))  # k + 1 points are enough
+    with pytest.raises(ValueError, match="distance"):
+        metrics.precision_recall(rng.randn(50, 4), rng.randn(50, 4), distance="cosine")
 
 
 def test_kid_is_near_zero_for_one_distribution_and_positive_for_two():

@@ -33,6 +33,20 @@ def load(path: Path) -> dict:
                             f"delete it to restart, or point to another checkpoint") from None
 
 
+@torch.no_grad()
+def fingerprint(module: torch.nn.Module) -> str:
+    """A short digest of every parameter's exact bits, computed on the parameters' own device (one float64 sum
+    of the bits, weighted by position, per tensor): equal weights give equal strings, any flipped bit changes it."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, p in module.named_parameters():
+        bits = p.detach().contiguous().view(-1).view(torch.uint8).to(torch.float64)
+        weights = torch.arange(1, bits.numel() + 1, device=bits.device, dtype=torch.float64).remainder_(65521) + 1
+        digest.update(f"{name}:{(bits * weights).sum().item()!r}:{bits.sum().item()!r};".encode())
+    return digest.hexdigest()
+
+
 def rng_state(generator: torch.Generator | None = None) -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():

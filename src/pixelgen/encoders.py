@@ -63,34 +63,81 @@ class LPIPS(Frozen):
         return self.net(a, b, normalize=False).flatten(1).mean(1)
 
 
+POS_INTERP = ("official", "timm")
+
+
+def official_pos_interp(pos_embed: torch.Tensor, grid: int, interpolate_offset: float = 0.1) -> torch.Tensor:
+    """The DINOv2 hub model's run-time position-embedding interpolation (class token first, then an M x M grid).
+
+    Unlike timm's load-time resample (size=grid, antialiased), DINOv2 passes scale_factor=(grid + 0.1) / M without
+    antialiasing, so the sampling positions differ slightly; the official PixelGen code gets exactly this.
+    """
+    cls_row, patches = pos_embed[:, :1], pos_embed[:, 1:]
+    m = int(round(patches.shape[1] ** 0.5))
+    if grid == m:  # e.g. 518 px input: DINOv2 uses the embedding as is
+        return pos_embed
+    dim = patches.shape[-1]
+    scale = (grid + interpolate_offset) / m
+    patches = patches.float().reshape(1, m, m, dim).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches, mode="bicubic", antialias=False, scale_factor=(scale, scale))
+    assert patches.shape[-2:] == (grid, grid), f"interpolated grid {tuple(patches.shape[-2:])} != {grid}"
+    patches = patches.permute(0, 2, 3, 1).reshape(1, grid * grid, dim).to(pos_embed.dtype)
+    return torch.cat([cls_row, patches], dim=1)
+
+
 class DINOFeatures(Frozen):
-    """Patch-token features of a DINOv2 ViT (timm), from chosen blocks, after the final norm."""
+    """Patch-token features of a DINOv2 ViT (timm), from chosen blocks, after the final norm.
+
+    `pos_interp` says how the file's 37x37 (518 px) position grid reaches `input_size`: "official" = the DINOv2 hub
+    model's bicubic interpolation with the 0.1 offset (what the official PixelGen code runs), "timm" = timm's
+    antialiased resample at load time.
+    """
 
     def __init__(self, model_name: str = "vit_base_patch14_dinov2", input_size: int = 224, random_init: bool = False,
-                 weights_dir: str | Path | None = None):
+                 weights_dir: str | Path | None = None, pos_interp: str = "official"):
         super().__init__()
-        import timm
+        if pos_interp not in POS_INTERP:
+            from .errors import ConfigError
 
+            raise ConfigError(f"encoders.dino_pos_interp must be one of {', '.join(POS_INTERP)}; got {pos_interp!r}")
         self.input_size = input_size
-        kwargs = dict(pretrained=False, num_classes=0, img_size=input_size)
         self.real = False
+        load = {}
         if not random_init:
-            if model_name != "vit_base_patch14_dinov2":
-                from .errors import ConfigError
-
-                raise ConfigError(f"encoders.dino_model '{model_name}' has no weight file; real weights exist for "
-                                  f"vit_base_patch14_dinov2 only (or set encoders.random_init=true)")
-            path = weights.weight_path("dinov2-b", weights_dir)
-            # timm resamples the position embedding from the file's 518 px grid to input_size
-            kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+            path = self._weight_file(model_name, weights_dir)
+            load = dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
             self.real = weights.is_published("dinov2-b", path)
-        self.net = timm.create_model(model_name, **kwargs)
+        self.net = self._build(model_name, input_size, pos_interp, load)
         self.depth = len(self.net.blocks)
         self.embed_dim = self.net.embed_dim
         self.patch_size = self.net.patch_embed.patch_size[0]
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.freeze()
+
+    @staticmethod
+    def _weight_file(model_name: str, weights_dir: str | Path | None) -> Path:
+        if model_name != "vit_base_patch14_dinov2":
+            from .errors import ConfigError
+
+            raise ConfigError(f"encoders.dino_model '{model_name}' has no weight file; real weights exist for "
+                              f"vit_base_patch14_dinov2 only (or set encoders.random_init=true)")
+        return weights.weight_path("dinov2-b", weights_dir)
+
+    @staticmethod
+    def _build(model_name: str, input_size: int, pos_interp: str, load: dict) -> nn.Module:
+        import timm
+
+        if pos_interp == "timm":  # timm resamples the file's grid to input_size while loading
+            return timm.create_model(model_name, num_classes=0, img_size=input_size, **load)
+        # Build at the model's native 518 px so the file's 37x37 grid loads untouched (random_init: a random 37x37
+        # grid, the same path), then shrink the input size and replace timm's resample with DINOv2's interpolation.
+        net = timm.create_model(model_name, num_classes=0, **load)
+        source = net.pos_embed.detach().clone()
+        net.set_input_size(img_size=input_size)
+        grid = net.patch_embed.grid_size[0]
+        net.pos_embed = nn.Parameter(official_pos_interp(source, grid))
+        return net
 
     @property
     def grid(self) -> int:

@@ -11,8 +11,9 @@ import torch
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, rounding like the ADM evaluation code."""
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 as the official code converts: floor(127.5 (x + 1) + 0.5)
+    clipped to [0, 255] (halves round up, where torch.round would round them to even)."""
+    x = ((images.float() + 1) * 127.5 + 0.5).clamp(0, 255).floor().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 

@@ -1,11 +1,15 @@
 """The PixelGen objective: flow matching + REPA + noise-gated LPIPS and P-DINO.
 
-    L = L_FM + w_repa * L_REPA + lambda1 * gate(t) * L_LPIPS + lambda2 * gate(t) * L_PDINO,   gate(t) = [t > gate]
+    L = L_FM + w_repa * L_REPA + a * (lambda1 * gate(t) * L_LPIPS + lambda2 * gate'(t) * L_PDINO),   gate(t) = [t >= gate]
 
 Every term is computed per sample as a (B,) vector before anything is gated, and the gate *selects* samples
 (indexing) rather than multiplying a mask in: the perceptual encoders then run only on the gated samples
 (none at all when no sample passes), and a shape mistake such as the official code's (B, N) x (B, 1, 1) mask,
 which broadcasts to (B, B, N) and gates nothing, cannot happen (`gated_reduce` refuses anything but (B,)).
+
+`gate'` is the P-DINO gate: with `loss.pdino_gated: false` (the official code's effective behaviour, which
+made the published tables) P-DINO averages over the whole batch whenever at least one sample passes the gate;
+with `true` it is gated like LPIPS. `a` is 1, or the adaptive weight (`loss.adaptive_weight_start`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from torch import nn
 
 from . import flow
 from .encoders import DINOFeatures, LPIPS
+from .errors import ConfigError
 
 
 @dataclass
@@ -26,16 +31,6 @@ class LossOutput:
     terms: dict[str, float] = field(default_factory=dict)  # every term, detached, for logging
     t: torch.Tensor | None = None
     x_hat: torch.Tensor | None = None
-
-
-def repa_block_for(depth: int, configured: int | None) -> int:
-    """The block after which REPA aligns features: the configured one, else min(8, depth // 3) as in the paper."""
-    block = configured if configured is not None else max(1, min(8, depth // 3))
-    if not 1 <= block <= depth:
-        from .errors import ConfigError
-
-        raise ConfigError(f"loss.repa_block {block} is outside the model's 1..{depth} blocks")
-    return block
 
 
 def gated_reduce(per_sample: torch.Tensor, index: torch.Tensor, batch: int, reduction: str) -> torch.Tensor:
@@ -53,25 +48,43 @@ def gated_reduce(per_sample: torch.Tensor, index: torch.Tensor, batch: int, redu
     return per_sample.sum() / denominator
 
 
-class PixelGenLoss(nn.Module):
-    """Owns the REPA projector (trainable) and the frozen encoders; `forward` runs the model itself.
+class AdaptivePerceptualWeight:
+    """The official late-training balance (VQGAN style): every `every` steps from step `start` on,
+    w = clamp(|grad L_FM| / (|grad L_perc| + 1e-4), 0, 100) at the output layer's weight, and the applied
+    weight follows it as a running average a <- 0.8 a + 0.2 w (a starts at 1). start = 0 switches it off."""
 
-    Built from a pixelgen config dict (sections flow, loss, encoders) and the model's depth/width/grid.
+    def __init__(self, start: int, every: int):
+        self.start, self.every = start, every
+        self.value = 1.0
+
+    def due(self, step: int | None) -> bool:
+        return self.start > 0 and step is not None and step >= self.start and step % self.every == 0
+
+    def update(self, rec: torch.Tensor, percept: torch.Tensor, last_layer: torch.Tensor) -> None:
+        g_rec = torch.autograd.grad(rec, last_layer, retain_graph=True)[0]
+        # no gated sample: the perceptual term is a constant, its gradient zero (the official mask gives the same)
+        g_per = (torch.autograd.grad(percept, last_layer, retain_graph=True)[0] if percept.requires_grad
+                 else torch.zeros_like(last_layer))
+        w = (g_rec.float().norm() / (g_per.float().norm() + 1e-4)).clamp(0.0, 100.0).item()
+        self.value = 0.8 * self.value + 0.2 * w
+
+
+class PixelGenLoss(nn.Module):
+    """Owns the frozen encoders; `forward` runs the trainable Denoiser (model + REPA projector) itself.
+
+    Built from a pixelgen config dict (sections flow, loss, encoders) and the model's patch size and grid.
     """
 
-    def __init__(self, config: dict, model_depth: int, model_width: int, model_grid: int,
+    def __init__(self, config: dict, model_grid: int, patch_size: int = 16,
                  lpips: LPIPS | None = None, dino: DINOFeatures | None = None):
         super().__init__()
         self.flow_cfg = dict(config["flow"])
         self.cfg = dict(config["loss"])
         enc = config["encoders"]
         if self.cfg["perceptual_reduction"] not in ("gated_mean", "batch_mean"):
-            from .errors import ConfigError
-
             raise ConfigError("loss.perceptual_reduction must be 'gated_mean' or 'batch_mean', "
                               f"got {self.cfg['perceptual_reduction']!r}")
-        self.repa_block = repa_block_for(model_depth, self.cfg["repa_block"])
-        self.model_grid = model_grid
+        self.model_grid, self.patch_size = model_grid, patch_size
         need_dino = self.cfg["repa_weight"] > 0 or self.cfg["pdino_weight"] > 0
         if lpips is None and self.cfg["lpips_weight"] > 0:
             lpips = LPIPS(random_init=enc["random_init"], weights_dir=enc["weights_dir"])
@@ -79,31 +92,22 @@ class PixelGenLoss(nn.Module):
             # 14 x the model's token grid by default, so each DINO patch covers one JiT patch (224 px at 256/16)
             size = enc["dino_input_size"] or 14 * model_grid
             dino = DINOFeatures(enc["dino_model"], size, random_init=enc["random_init"],
-                                weights_dir=enc["weights_dir"])
+                                weights_dir=enc["weights_dir"], pos_interp=enc["dino_pos_interp"])
         self.lpips = lpips
         self.dino = dino
         if dino is not None and not 1 <= self.cfg["pdino_layer"] <= dino.depth:
-            from .errors import ConfigError
-
             raise ConfigError(f"loss.pdino_layer {self.cfg['pdino_layer']} is outside DINO's 1..{dino.depth} blocks")
-        self.projector = None
-        if self.cfg["repa_weight"] > 0:
-            hidden = self.cfg["repa_hidden"] or model_width
-            self.projector = nn.Sequential(nn.Linear(model_width, hidden), nn.SiLU(), nn.Linear(hidden, hidden),
-                                           nn.SiLU(), nn.Linear(hidden, dino.embed_dim))
+        self.adaptive = AdaptivePerceptualWeight(self.cfg["adaptive_weight_start"], self.cfg["adaptive_weight_every"])
 
     @property
     def encoders_real(self) -> bool:
         """False if any encoder in use has random (or unpublished) weights: results are then not comparable."""
         return all(e.real for e in (self.lpips, self.dino) if e is not None)
 
-    def trainable_state_dict(self) -> dict:
-        """What a checkpoint needs from the loss: the REPA projector (encoders are frozen and come from files)."""
-        return self.projector.state_dict() if self.projector is not None else {}
-
-    def load_trainable_state_dict(self, state: dict) -> None:
-        if self.projector is not None:
-            self.projector.load_state_dict(state)
+    @property
+    def repa_dim(self) -> int | None:
+        """Width of the REPA target features (the projector's output), None when REPA is off."""
+        return self.dino.embed_dim if self.cfg["repa_weight"] > 0 else None
 
     # -------------------------------------------------------------------------------------------------------
     def _dino_layers(self) -> list[int]:
@@ -120,67 +124,85 @@ class PixelGenLoss(nn.Module):
         grid = F.interpolate(grid, size=(self.model_grid, self.model_grid), mode="bilinear", align_corners=False)
         return grid.flatten(2).transpose(1, 2)
 
-    def repa(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def repa(self, projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Per-sample 1 - cosine between projected hidden tokens and the clean image's DINO tokens -> (B,)."""
-        projected = self.projector(hidden)
-        target = self._to_model_grid(target).to(projected.dtype)
+        target = self._to_model_grid(target)
         return (1 - F.cosine_similarity(projected.float(), target.float(), dim=-1)).mean(1)
+
+    def _lpips(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self.cfg["lpips_rescale_to_p16"] and self.patch_size != 16:
+            # the official code feeds LPIPS images scaled as if the model had 16-pixel patches
+            size = a.shape[-1] * 16 // self.patch_size
+            a, b = (F.interpolate(v, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+                    for v in (a, b))
+        return self.lpips(a.float(), b.float())
 
     def perceptual(self, x_hat: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
                    clean_pdino: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """LPIPS and P-DINO on the gated samples only.
+        """LPIPS on the gated samples (t >= loss.gate) only; P-DINO on the gated ones, or with
+        pdino_gated false on the whole batch as soon as one sample is gated.
 
-        Returns (index of gated samples (G,), lpips (G,), pdino (G,)); the encoders never see the other samples.
+        Returns (index of gated samples (G,), lpips (G,), pdino (G,) or (B,)).
         `clean_pdino` optionally gives the clean images' P-DINO features for the whole batch (already computed
-        for REPA); otherwise they are computed here for the gated samples.
+        for REPA); otherwise they are computed here.
         """
-        index = torch.nonzero(t > self.cfg["gate"], as_tuple=False).flatten()
+        index = torch.nonzero(t >= self.cfg["gate"], as_tuple=False).flatten()
         empty = x_hat.new_zeros(0, dtype=torch.float32)
         lp, pd = empty, empty
         if index.numel() == 0:
             return index, lp, pd
-        xg_hat, xg = x_hat.index_select(0, index), x.index_select(0, index)
         if self.lpips is not None and self.cfg["lpips_weight"] > 0:
-            lp = self.lpips(xg_hat.float(), xg.float())
+            lp = self._lpips(x_hat.index_select(0, index), x.index_select(0, index))
         if self.dino is not None and self.cfg["pdino_weight"] > 0:
+            rows = index if self.cfg["pdino_gated"] else torch.arange(len(x), device=x.device)
             layer = self.cfg["pdino_layer"]
-            pred = self.dino(xg_hat, [layer])[0]
+            pred = self.dino(x_hat.index_select(0, rows), [layer])[0]
             if clean_pdino is None:
                 with torch.no_grad():
-                    clean = self.dino(xg, [layer])[0]
+                    clean = self.dino(x.index_select(0, rows), [layer])[0]
             else:
-                clean = clean_pdino.index_select(0, index)
+                clean = clean_pdino.index_select(0, rows)
             pd = (1 - F.cosine_similarity(pred.float(), clean.float(), dim=-1)).mean(1)
         return index, lp, pd
 
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                generator: torch.Generator | None = None) -> LossOutput:
-        """One training objective evaluation on clean images x (B,3,H,W) in [-1,1] with labels y (B,)."""
+                generator: torch.Generator | None = None, step: int | None = None,
+                last_layer: torch.Tensor | None = None) -> LossOutput:
+        """One objective evaluation on clean images x (B,3,H,W) in [-1,1] with labels y (B,).
+
+        `model(z, t, y) -> (x_hat, projected REPA tokens or None)` is the (possibly DDP-wrapped) Denoiser;
+        `step` and `last_layer` drive the adaptive perceptual weight when it is on.
+        """
         fc, lc = self.flow_cfg, self.cfg
         B = x.shape[0]
         t = flow.sample_t(B, fc["P_mean"], fc["P_std"], shift=fc["train_shift"], device=x.device, generator=generator)
         eps = torch.randn(x.shape, device=x.device, generator=generator, dtype=x.dtype) * fc["noise_scale"]
         z = flow.interpolate(x, eps, t)
-        if self.projector is not None:
-            x_hat, hidden = model(z, t, y, feature_block=self.repa_block)
-        else:
-            x_hat, hidden = model(z, t, y), None
+        x_hat, projected = model(z, t, y)
         fm = flow.velocity_loss(flow.x_to_v(x_hat, z, t, fc["t_eps"]), flow.velocity_target(x, eps))
 
         clean = {}
-        if self.projector is not None:  # REPA needs the clean features of the whole batch; P-DINO reuses them
+        if projected is not None:  # REPA's target: clean features of the whole batch, reused by P-DINO
             with torch.no_grad():
                 layers = self._dino_layers()
                 clean = dict(zip(layers, self.dino(x, layers)))
-        repa = self.repa(hidden, clean[self.dino.depth]) if hidden is not None else fm.new_zeros(B)
+        repa = self.repa(projected, clean[self.dino.depth]) if projected is not None else fm.new_zeros(B)
         index, lp, pd = self.perceptual(x_hat, x, t, clean.get(lc["pdino_layer"]))
         lpips_term = gated_reduce(lp, index, B, lc["perceptual_reduction"]) if lp.numel() else fm.new_zeros(())
-        pdino_term = gated_reduce(pd, index, B, lc["perceptual_reduction"]) if pd.numel() else fm.new_zeros(())
+        if not pd.numel():
+            pdino_term = fm.new_zeros(())
+        elif lc["pdino_gated"]:
+            pdino_term = gated_reduce(pd, index, B, lc["perceptual_reduction"])
+        else:
+            pdino_term = pd.mean()
+        percept = lc["lpips_weight"] * lpips_term + lc["pdino_weight"] * pdino_term
+        if self.adaptive.due(step) and last_layer is not None:
+            self.adaptive.update(fm.mean(), percept, last_layer)
 
-        total = (fm.mean() + lc["repa_weight"] * repa.mean() + lc["lpips_weight"] * lpips_term
-                 + lc["pdino_weight"] * pdino_term)
+        total = fm.mean() + lc["repa_weight"] * repa.mean() + self.adaptive.value * percept
         terms = {
             "loss": total.item(), "fm": fm.mean().item(), "repa": repa.mean().item(),
             "lpips": lpips_term.item(), "pdino": pdino_term.item(), "gated_fraction": index.numel() / B,
+            "perceptual_weight": self.adaptive.value,
         }
         return LossOutput(total=total, terms=terms, t=t, x_hat=x_hat)

@@ -1,5 +1,6 @@
-"""Sample-quality metrics on Inception features: FID, Inception Score, KID (torch-fidelity's implementations)
-and precision/recall with k = 3 nearest neighbours on Inception pool3 features, as in the ADM evaluation suite."""
+"""Sample-quality metrics on Inception features: FID and KID (torch-fidelity's implementations), and the
+Inception Score and precision/recall (k = 3 nearest neighbours on pool3 features) as the ADM evaluation suite
+(openai/guided-diffusion evaluations/evaluator.py) computes them."""
 
 from __future__ import annotations
 
@@ -59,12 +60,33 @@ def fid(stats_a: dict, stats_b: dict) -> float:
         return float(fid_statistics_to_metric(a, b, False)[KEY_METRIC_FID])
 
 
-def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
-    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+def inception_score(logits: np.ndarray, mode: str = "adm", split_size: int = 5000,
+                    splits: int = 10) -> tuple[float, float]:
+    """(mean, std) over splits of exp(E_x KL(p(y|x) || p(y))), from the unbiased Inception logits.
 
-    splits = max(1, min(splits, len(logits)))
-    out = isc_features_to_metric(torch.as_tensor(np.asarray(logits)), splits=splits)
-    return out[KEY_METRIC_ISC_MEAN], out[KEY_METRIC_ISC_STD]
+    mode "adm": the ADM evaluator's protocol, contiguous splits of `split_size` images in the given order (the last
+    one may be shorter). mode "torch-fidelity": torch-fidelity's, `splits` equal splits after a seeded shuffle."""
+    logits = np.asarray(logits)
+    if len(logits) == 0:
+        raise ValueError("the Inception Score needs at least 1 image, got 0")
+    if mode == "torch-fidelity":
+        from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+
+        splits = max(1, min(splits, len(logits)))
+        out = isc_features_to_metric(torch.as_tensor(logits), splits=splits)
+        return out[KEY_METRIC_ISC_MEAN], out[KEY_METRIC_ISC_STD]
+    if mode != "adm":
+        raise ValueError(f"unknown Inception Score mode {mode!r} (expected 'adm' or 'torch-fidelity')")
+    x = torch.as_tensor(logits).double()
+    p, log_p = x.softmax(1), x.log_softmax(1)
+    scores = []
+    for i in range(0, len(x), split_size):
+        part, log_part = p[i:i + split_size], log_p[i:i + split_size]
+        kl = part * (log_part - part.mean(0, keepdim=True).log())
+        # p log p -> 0 where p underflowed to 0 (the 0 * -inf would be NaN)
+        kl = torch.where(part > 0, kl, torch.zeros_like(kl))
+        scores.append(kl.sum(1).mean().exp().item())
+    return float(np.mean(scores)), float(np.std(scores))
 
 
 def kid(features_a: np.ndarray, features_b: np.ndarray, subsets: int = 100, subset_size: int = 1000) -> tuple[float, float]:
@@ -77,28 +99,75 @@ def kid(features_a: np.ndarray, features_b: np.ndarray, subsets: int = 100, subs
     return out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD]
 
 
-def _kth_neighbour_radii(features: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
+def _adm_operands(x: torch.Tensor) -> tuple:
+    """What ADM's DistanceBlock feeds its two graphs: the float16 values with their float16 squared norms, and the
+    float32 ones with theirs (the fallback)."""
+    x32 = x.float()
+    x16 = x32.half()
+    return x16.float(), (x16 * x16).float().sum(1).half(), x32, (x32 * x32).sum(1)
+
+
+def _distances(a, b, distance: str) -> torch.Tensor:
+    """A monotone distance between the rows of a and b (prepared by _prepare): ADM's squared Euclidean distance
+    (float32), or the exact Euclidean distance (float64)."""
+    if distance == "exact":
+        return torch.cdist(a, b)
+    a16, na16, a32, na32 = a
+    b16, nb16, b32, nb32 = b
+    # TF's float16 matmul multiplies and sums in float32 and rounds once: float16 inputs held in float32 give the
+    # same (products of float16 values are exact in float32), and fast float32 BLAS on CPU
+    mm16 = (a16 @ b16.T).half()
+    d = na16[:, None] - 2 * mm16 + nb16[None]  # each operation rounded to float16, as in the TF graph
+    if not torch.isfinite(d).all():  # float16 overflowed in this block: ADM redoes the block in float32
+        d = na32[:, None] - 2 * (a32 @ b32.T) + nb32[None]
+    return d.float().clamp_min(0)
+
+
+def _prepare(x: np.ndarray, distance: str):
+    if distance == "exact":
+        return torch.as_tensor(np.asarray(x), dtype=torch.float64)
+    return _adm_operands(torch.as_tensor(np.asarray(x)))
+
+
+def _rows(prepared, i: int, j: int):
+    return prepared[i:j] if isinstance(prepared, torch.Tensor) else tuple(t[i:j] for t in prepared)
+
+
+def _kth_neighbour_radii(x, n: int, k: int, distance: str, chunk: int) -> torch.Tensor:
     radii = []
-    for i in range(0, len(features), chunk):
-        d = torch.cdist(features[i:i + chunk], features)
-        # k + 1: the nearest "neighbour" of a point is itself at distance 0
+    for i in range(0, n, chunk):
+        d = _distances(_rows(x, i, i + chunk), x, distance)
+        # index k of the sorted row (k + 1-th smallest): the nearest "neighbour" of a point is itself
         radii.append(d.kthvalue(k + 1, dim=1).values)
     return torch.cat(radii)
 
 
-def _inside_any_ball(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, chunk: int) -> torch.Tensor:
+def _inside_any_ball(points, n: int, centres, radii: torch.Tensor, distance: str, chunk: int) -> torch.Tensor:
     inside = []
-    for i in range(0, len(points), chunk):
-        d = torch.cdist(points[i:i + chunk], centres)
+    for i in range(0, n, chunk):
+        d = _distances(_rows(points, i, i + chunk), centres, distance)
         inside.append((d <= radii[None]).any(dim=1))
     return torch.cat(inside)
 
 
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, chunk: int = 1000) -> tuple[float, float]:
-    """Improved precision/recall (Kynkaanniemi et al. 2019): precision = share of fake samples inside the real
-    manifold (union of balls reaching each real point's k-th neighbour), recall = the reverse."""
-    r = torch.as_tensor(np.asarray(real), dtype=torch.float64)
-    f = torch.as_tensor(np.asarray(fake), dtype=torch.float64)
-    precision = _inside_any_ball(f, r, _kth_neighbour_radii(r, k, chunk), chunk).double().mean().item()
-    recall = _inside_any_ball(r, f, _kth_neighbour_radii(f, k, chunk), chunk).double().mean().item()
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, chunk: int = 1000,
+                     distance: str = "adm") -> tuple[float, float]:
+    """Improved precision/recall (Kynkaanniemi et al. 2019) as the ADM evaluator computes it: precision = share of
+    fake samples inside the real manifold (union of balls reaching each real point's k-th neighbour), recall = the
+    reverse. Every row of both sets is used; distances go `chunk` rows at a time against all rows of the other set.
+
+    distance "adm": ADM's squared distances max(|u|^2 - 2 u.v + |v|^2, 0) in float16, redone in float32 for a
+    chunk where float16 overflows (ADM decides per 10K x 10K block; this matters only where float16 overflows).
+    distance "exact": float64 Euclidean distances."""
+    if distance not in ("adm", "exact"):
+        raise ValueError(f"unknown precision/recall distance {distance!r} (expected 'adm' or 'exact')")
+    n_real, n_fake = len(real), len(fake)
+    if min(n_real, n_fake) < k + 1:
+        raise ValueError(f"precision/recall with k = {k} needs at least k + 1 = {k + 1} points in each set (the "
+                         f"k-th neighbour excludes the point itself), got {n_real} reference and {n_fake} samples")
+    r, f = _prepare(real, distance), _prepare(fake, distance)
+    real_radii = _kth_neighbour_radii(r, n_real, k, distance, chunk)
+    fake_radii = _kth_neighbour_radii(f, n_fake, k, distance, chunk)
+    precision = _inside_any_ball(f, n_fake, r, real_radii, distance, chunk).double().mean().item()
+    recall = _inside_any_ball(r, n_real, f, fake_radii, distance, chunk).double().mean().item()
     return precision, recall

@@ -1,6 +1,6 @@
 """JiT ("Just image Transformer"): a plain DiT on pixel patches that predicts the clean image (x-prediction).
 
-Pieces, as in the JiT paper and PAPER.md: bottleneck patch embedding (patch -> low-rank -> width), fixed 2-D
+Pieces, as in the JiT paper and the official JiT/PixelGen code (docs/science.md, docs/parity.md): bottleneck patch embedding (patch -> low-rank -> width), fixed 2-D
 sin-cos position embedding plus 2-D RoPE inside attention, RMSNorm, qk-norm, SwiGLU MLP, adaLN-Zero conditioning
 on (t, class), in-context class tokens prepended from a middle block on, and a linear head back to patches.
 Class index `num_classes` is the null class used for classifier-free guidance.
@@ -35,7 +35,7 @@ class JiTConfig:
         return self.image_size // self.patch_size
 
 
-# The paper's sizes (PAPER.md table) and `tiny`, which trains on a CPU in minutes.
+# The paper's sizes (docs/science.md) and `tiny`, which trains on a CPU in minutes.
 SIZES: dict[str, JiTConfig] = {
     "tiny": JiTConfig(depth=6, width=128, heads=4, bottleneck=32, in_context_len=4, in_context_start=2,
                       patch_size=4, image_size=32, num_classes=10),
@@ -60,10 +60,15 @@ def jit_config(size: str, **overrides) -> JiTConfig:
     return cfg
 
 
+def model_config(model_cfg: dict) -> JiTConfig:
+    """The JiTConfig that the `model:` section of a pixelgen config describes (nothing is built)."""
+    return jit_config(model_cfg["size"], image_size=model_cfg["image_size"], patch_size=model_cfg["patch_size"],
+                      num_classes=model_cfg["num_classes"], proj_dropout=model_cfg["proj_dropout"])
+
+
 def build_model(model_cfg: dict) -> "JiT":
     """A JiT from the `model:` section of a pixelgen config."""
-    return JiT(jit_config(model_cfg["size"], image_size=model_cfg["image_size"], patch_size=model_cfg["patch_size"],
-                          num_classes=model_cfg["num_classes"], proj_dropout=model_cfg["proj_dropout"]))
+    return JiT(model_config(model_cfg))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -71,42 +76,49 @@ def build_model(model_cfg: dict) -> "JiT":
 
 
 def sincos_2d(width: int, grid: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos embedding, (grid*grid, width): half the channels encode the row, half the column."""
+    """Fixed 2-D sin-cos embedding, (grid*grid, width), tokens in row-major order.
+
+    As the official JiT/MAE code: the first half of the channels encodes the *column* index, the second half the
+    row index (their meshgrid puts w first); each half is [sin, cos] of the position times 1/10000^(2k/half).
+    """
     def one_axis(dim: int, pos: torch.Tensor) -> torch.Tensor:
         omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
         angles = pos.double()[:, None] * omega[None]
         return torch.cat([angles.sin(), angles.cos()], dim=1)
 
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    emb = torch.cat([one_axis(width // 2, rows.flatten()), one_axis(width // 2, cols.flatten())], dim=1)
+    emb = torch.cat([one_axis(width // 2, cols.flatten()), one_axis(width // 2, rows.flatten())], dim=1)
     return emb.float()
 
 
 def rope_2d(head_dim: int, grid: int, prefix: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (prefix + grid*grid, head_dim) for axial 2-D RoPE.
+    """cos/sin tables (prefix + grid*grid, head_dim) for axial 2-D RoPE, laid out as the official JiT does.
 
-    The first half of each head's channels rotates with the row index, the second half with the column index.
+    The first half of each head's channels rotates with the row index, the second half with the column index;
+    inside each half, adjacent channels (2k, 2k + 1) form a rotating pair with frequency theta^(-k / (head_dim/4)).
     The `prefix` in-context tokens get the identity rotation (cos 1, sin 0): they have no position.
+    Computed in float32 like the official tables, so imported weights see the same numbers.
     """
     quarter = head_dim // 4
-    freqs = 1.0 / theta ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    freqs = 1.0 / theta ** (torch.arange(0, 2 * quarter, 2)[:quarter].float() / (2 * quarter))
+    per_axis = torch.arange(grid, dtype=torch.float32)[:, None] * freqs[None]  # (grid, quarter)
+    per_axis = per_axis.repeat_interleave(2, dim=1)                           # pairs share a frequency
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    # per axis: angles for `quarter` frequencies, duplicated for the (first, second) halves that rotate together
-    row_angles = rows.flatten().double()[:, None] * freqs[None]
-    col_angles = cols.flatten().double()[:, None] * freqs[None]
-    angles = torch.cat([row_angles, row_angles, col_angles, col_angles], dim=1)  # (N, head_dim)
-    angles = torch.cat([torch.zeros(prefix, head_dim, dtype=torch.float64), angles], dim=0)
-    return angles.cos().float(), angles.sin().float()
+    angles = torch.cat([per_axis[rows.flatten()], per_axis[cols.flatten()]], dim=1)  # (N, head_dim)
+    cos = torch.cat([torch.ones(prefix, head_dim), angles.cos()], dim=0)
+    sin = torch.cat([torch.zeros(prefix, head_dim), angles.sin()], dim=0)
+    return cos, sin
+
+
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...): the 90-degree turn of each adjacent channel pair."""
+    pairs = x.unflatten(-1, (-1, 2))
+    return torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, N, D) by the tables; channel blocks [a, b] of each axis pair up as (a, b) -> (-b, a)."""
-    d = x.shape[-1]
-    q = d // 4
-    # split each axis-half into its two rotating partners
-    r1, r2, c1, c2 = x[..., :q], x[..., q:2 * q], x[..., 2 * q:3 * q], x[..., 3 * q:]
-    rotated = torch.cat([-r2, r1, -c2, c1], dim=-1)
-    return x * cos + rotated * sin
+    """Rotate (B, H, N, D) by the (N, D) tables."""
+    return x * cos + rotate_pairs(x) * sin
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -190,8 +202,8 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        # t lives in [0, 1]; scale it so the sinusoids span the same range as DiT's integer timesteps
-        args = (t.float() * 1000.0)[:, None] * freqs[None]
+        # t in [0, 1] goes in as it is (the official JiT/PixelGen convention; DiT would scale it by 1000)
+        args = t.float()[:, None] * freqs[None]
         return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))
 
 
@@ -242,10 +254,11 @@ class JiT(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.register_buffer("rope_cos_ic", cos_ic, persistent=False)
         self.register_buffer("rope_sin_ic", sin_ic, persistent=False)
-        # dropout only in the middle half of the blocks, as JiT does for its largest model
+        # dropout only in the middle half of the blocks, with the official JiT's bounds (depth // 4 * 3, not
+        # depth * 3 // 4: they differ for depths that are not multiples of 4)
         self.blocks = nn.ModuleList(
             Block(w, cfg.heads, cfg.mlp_ratio,
-                  cfg.proj_dropout if cfg.depth // 4 <= i < cfg.depth * 3 // 4 else 0.0)
+                  cfg.proj_dropout if cfg.depth // 4 <= i < cfg.depth // 4 * 3 else 0.0)
             for i in range(cfg.depth)
         )
         self.final = FinalLayer(w, cfg.patch_size)

@@ -106,7 +106,10 @@ def run_sampling(ckpt: Path, num: int, out: Path, *, sampler: str | None = None,
         settings = {"sampler": sampler or sc["sampler"], "steps": steps or sc["steps"],
                     "cfg": sc["cfg"] if cfg is None else cfg, "interval": list(interval or sc["interval"]),
                     "shift": sc["shift"] if shift is None else shift, "seed": seed, "num": num,
-                    "shard_size": shard_size, "t_eps": state["config"]["flow"]["t_eps"]}
+                    "shard_size": shard_size, "t_eps": state["config"]["flow"]["t_eps"],
+                    # the training noise scale is the sampling noise scale (official: both 1.0)
+                    "noise_scale": state["config"]["flow"]["noise_scale"],
+                    "corrector_interval_at": sc.get("corrector_interval_at", "t_cur")}
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         settings_file = out / "settings.json"
@@ -133,10 +136,12 @@ def run_sampling(ckpt: Path, num: int, out: Path, *, sampler: str | None = None,
                 for b in range(0, len(indices), batch_size):
                     batch = indices[b:b + batch_size]
                     noise = torch.stack([image_noise(i, seed, (3, size, size)) for i in batch]).to(d.device)
+                    noise = noise * settings["noise_scale"]
                     y = labels_for(batch, model.cfg.num_classes).to(d.device)
                     images = sample(model, noise, y, sampler=settings["sampler"], steps=settings["steps"],
                                     cfg=settings["cfg"], interval=tuple(settings["interval"]),
-                                    shift=settings["shift"], t_eps=settings["t_eps"], null_class=model.null_class)
+                                    shift=settings["shift"], t_eps=settings["t_eps"], null_class=model.null_class,
+                                    corrector_interval_at=settings["corrector_interval_at"])
                     arrays.append(to_uint8(images))
                     labels += y.tolist()
                     bar.update(len(batch))

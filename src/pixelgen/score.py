@@ -203,7 +203,8 @@ def load_reference(ref: Path, net, device, batch_size: int, progress: bool) -> d
 
 def score(samples: Path, ref: Path, out: Path, *, batch_size: int = 100, weights_dir: str | None = None,
           allow_random: bool = False, device: str = "auto", mlflow_run_id: str | None = None,
-          tracking_uri: str | None = None, progress: bool = True) -> dict:
+          tracking_uri: str | None = None, progress: bool = True, is_mode: str = "adm",
+          pr_distance: str = "adm") -> dict:
     from .distributed import pick_device
 
     samples = Path(samples)
@@ -215,9 +216,10 @@ def score(samples: Path, ref: Path, out: Path, *, batch_size: int = 100, weights
     outputs = inception_outputs(net, sample_batches(samples, batch_size), dev, count_samples(samples),
                                 progress, "score")
     feats, logits = outputs.features, outputs.logits
-    is_mean, is_std = metrics.inception_score(logits)
+    is_mean, is_std = metrics.inception_score(logits, mode=is_mode)
     kid_mean, kid_std = metrics.kid(feats, reference["features"])
-    precision, recall = metrics.precision_recall(reference["features"], feats[:MAX_PR_FEATURES])
+    # every sample against the reference features, as the ADM evaluator (50K samples vs its 10K reference batch)
+    precision, recall = metrics.precision_recall(reference["features"], feats, distance=pr_distance)
     manifest = json.loads((samples / "samples.json").read_text()) if (samples / "samples.json").exists() else {}
     weights_real = real and reference["weights_real"] and bool(manifest.get("encoders_real", True))
     result = {
@@ -227,7 +229,8 @@ def score(samples: Path, ref: Path, out: Path, *, batch_size: int = 100, weights
         "inception_score": is_mean, "inception_score_std": is_std,
         "kid": kid_mean, "kid_std": kid_std, "precision": precision, "recall": recall,
         "num_samples": len(feats), "reference": str(ref), "reference_kind": reference["kind"],
-        "reference_num": reference["num"], "pr_k": 3,
+        "reference_num": reference["num"], "pr_k": 3, "pr_num_samples": len(feats),
+        "is_mode": is_mode, "pr_distance": pr_distance,
         "weights": "real" if weights_real else "random",
         "comparable": weights_real,
         "inception_weights": "real" if real else "random",

@@ -25,8 +25,9 @@ from .data import StreamLoader
 from .ema import EMA
 from .errors import PixelgenError
 from .images import save_grid
+from .denoiser import build_denoiser
 from .losses import PixelGenLoss
-from .model import build_model
+from .model import model_config
 from .sampling import sample
 from .tracking import SystemMetrics, Tracker
 
@@ -62,7 +63,7 @@ def ema_sample_grid(model, cfg: dict, device, count: int, steps: int, path: Path
     """A grid of EMA samples: fixed noise and labels cycling through the classes, so grids compare over time."""
     size = model.cfg.image_size
     gen = torch.Generator().manual_seed(1234)
-    noise = torch.randn(count, 3, size, size, generator=gen).to(device)
+    noise = (torch.randn(count, 3, size, size, generator=gen) * cfg["flow"]["noise_scale"]).to(device)
     labels = (torch.arange(count) % model.cfg.num_classes).to(device)
     images = sample(model, noise, labels, sampler="euler", steps=steps, cfg=1.0, t_eps=cfg["flow"]["t_eps"],
                     null_class=model.null_class)
@@ -121,12 +122,17 @@ def _train(config, run_dir, d, last_path, final_path, stop_at_step, progress):
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
     device = d.device
+    # the same seed on every rank while building, so all ranks start from one network and projector (DDP also
+    # broadcasts rank 0's); a per-rank seed afterwards, so dropout differs between ranks
+    torch.manual_seed(tc["seed"])
+    model_cfg = model_config(config["model"])  # grid and patch, to size the encoders
+    criterion = PixelGenLoss(config, model_cfg.grid, model_cfg.patch_size).to(device)
+    denoiser = build_denoiser(config, criterion.repa_dim).to(device)
+    model = denoiser.net
     torch.manual_seed(tc["seed"] * 1000 + d.rank)
-    model = build_model(config["model"]).to(device)
-    criterion = PixelGenLoss(config, model.cfg.depth, model.cfg.width, model.cfg.grid).to(device)
-    params = list(model.parameters()) + (list(criterion.projector.parameters()) if criterion.projector else [])
+    params = list(denoiser.parameters())
     optimizer = torch.optim.AdamW(params, lr=tc["lr"], betas=tuple(tc["betas"]), weight_decay=tc["weight_decay"])
-    ema = EMA(model, decay=tc["ema_decay"], warmup=tc["ema_warmup"])
+    ema = EMA(model, decay=tc["ema_decay"], warmup=tc["ema_warmup"])  # of the network only: sampling needs no projector
     # one generator for everything random in the objective (t, noise, label drop): its state is checkpointed
     generator = torch.Generator(device=device).manual_seed(tc["seed"] * 1000 + d.rank + 1)
     dc = config["data"]
@@ -135,17 +141,17 @@ def _train(config, run_dir, d, last_path, final_path, stop_at_step, progress):
                           world_size=d.world_size, device=device, pin_memory=device.type == "cuda")
     step = 0
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        criterion.load_trainable_state_dict(resume["projector"])
+        denoiser.load_state_dict(resume["model"])
+        criterion.adaptive.value = resume["perceptual_weight"][d.rank]
         optimizer.load_state_dict(resume["optimizer"])
         ema.load_state_dict(resume["ema"])
-        loader.load_state_dict(resume["data"])
+        loader.load_state_dict(resume["data_per_rank"][d.rank])  # each rank's own stream position
         checkpoint.set_rng_state(resume["rng"][d.rank], generator)
         step = resume["step"]
 
-    forward_model = model
+    forward_model = denoiser
     if tc["compile"]:
-        forward_model = torch.compile(model)
+        forward_model = torch.compile(denoiser)
     if d.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -164,16 +170,23 @@ def _train(config, run_dir, d, last_path, final_path, stop_at_step, progress):
         tracker.log_artifact(run_dir / "config.yaml")
 
     def save(*paths: Path) -> None:
-        rng = checkpoint.rng_state(generator)
-        if d.world_size > 1:  # every rank's RNG, so each resumes its own stream
+        # per rank: its RNG, so each resumes its own stream, its adaptive weight (computed from local grads),
+        # and a fingerprint of its trainable weights: ranks that drifted apart must not be saved as one model
+        mine = (checkpoint.rng_state(generator), criterion.adaptive.value, checkpoint.fingerprint(denoiser),
+                loader.state_dict())
+        if d.world_size > 1:
             states = [None] * d.world_size
-            torch_dist.all_gather_object(states, rng)
+            torch_dist.all_gather_object(states, mine)
         else:
-            states = [rng]
+            states = [mine]
+        if any(s[2] != states[0][2] for s in states):
+            raise PixelgenError(f"the {d.world_size} ranks hold different weights at step {step} (fingerprints "
+                                f"{[s[2][:12] for s in states]}); not saving; report this as a bug")
         if d.is_main:
-            state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                     "projector": criterion.trainable_state_dict(), "step": step, "rng": states,
-                     "data": loader.state_dict(), "config": config, "encoders_real": criterion.encoders_real}
+            state = {"model": denoiser.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                     "step": step, "rng": [s[0] for s in states], "perceptual_weight": [s[1] for s in states],
+                     "rank_fingerprints": [s[2] for s in states],
+                     "data": states[0][3], "data_per_rank": [s[3] for s in states], "config": config, "encoders_real": criterion.encoders_real}
             for path in paths:
                 checkpoint.save_atomic(state, path)
         distributed.barrier(d)
@@ -197,7 +210,8 @@ def _train(config, run_dir, d, last_path, final_path, stop_at_step, progress):
                 x, y = next(batches)
                 y = drop_labels(y.to(device), tc["class_dropout"], model.null_class, generator)
                 with autocast():
-                    out = criterion(forward_model, x, y, generator=generator)
+                    out = criterion(forward_model, x, y, generator=generator, step=step,
+                                    last_layer=denoiser.last_layer)
                 bad = [k for k, v in out.terms.items() if not math.isfinite(v)]
                 if bad:
                     raise PixelgenError(f"non-finite loss at step {step + 1} in term(s) {', '.join(bad)} "
@@ -205,10 +219,6 @@ def _train(config, run_dir, d, last_path, final_path, stop_at_step, progress):
                                         f"last good state (step {saved_step}); lower train.lr or check the data")
                 optimizer.zero_grad(set_to_none=True)
                 out.total.backward()
-                if d.world_size > 1 and criterion.projector is not None:  # the projector sits outside DDP
-                    for p in criterion.projector.parameters():
-                        torch_dist.all_reduce(p.grad)
-                        p.grad /= d.world_size
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, tc["grad_clip"] if tc["grad_clip"] > 0 else float("inf"))
                 optimizer.step()
                 ema.update(model)
