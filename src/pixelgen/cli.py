@@ -30,7 +30,7 @@ def cmd_weights(args) -> int:
     from . import weights
 
     directory = weights.weights_dir(args.dir)
-    keys = args.only or list(weights.WEIGHT_FILES)
+    keys = args.only or weights.DEFAULT_KEYS
     if args.action == "fetch":
         for key in keys:
             state, _ = weights.status(key, directory)
@@ -121,11 +121,22 @@ def cmd_score(args) -> int:
 
     result = score(Path(args.samples), Path(args.ref), Path(args.out), batch_size=args.batch_size,
                    weights_dir=args.weights_dir, allow_random=args.allow_random_weights, device=args.device,
-                   mlflow_run_id=args.mlflow_run_id, progress=not args.quiet)
+                   mlflow_run_id=args.mlflow_run_id, progress=not args.quiet, is_mode=args.is_splits,
+                   pr_distance=args.pr_distance)
     label = "" if result["comparable"] else "  [random weights: NOT comparable to published numbers]"
     sfid = "n/a (remake the ref-stats)" if result["sfid"] is None else f"{result['sfid']:.2f}"
     print(f"FID {result['fid']:.2f}  sFID {sfid}  IS {result['inception_score']:.2f}  precision {result['precision']:.3f}  "
           f"recall {result['recall']:.3f}  KID {result['kid']:.4f}  ({result['num_samples']} samples){label}")
+    return 0
+
+
+def cmd_import_official(args) -> int:
+    from .official import import_official
+
+    info = import_official(Path(args.ckpt), Path(args.out), config_file=args.config, overrides=tuple(args.overrides))
+    label = "" if info["verified"] else "  [not a verified release file: results are labelled NOT comparable]"
+    print(f"imported {info['size']} ({info['params'] / 1e6:.1f}M parameters, step {info['step']}) -> {args.out}; "
+          f"sampling {info['sampling']}{label}")
     return 0
 
 
@@ -244,8 +255,29 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--ref", required=True, help="ref-stats .npz or the ADM reference batch")
     sc.add_argument("--out", required=True, help="metrics.json to write")
     sc.add_argument("--mlflow-run-id", help="log to this run (default: the training run of the checkpoint)")
+    sc.add_argument("--is-splits", choices=["adm", "torch-fidelity"], default="adm",
+                    help="Inception Score splits: adm = contiguous 5,000-image splits as the ADM evaluator "
+                         "(default, the paper's numbers); torch-fidelity = its 10 splits")
+    sc.add_argument("--pr-distance", choices=["adm", "exact"], default="adm",
+                    help="precision/recall distances: adm = squared distances in float16 with a float32 fallback, "
+                         "as the ADM evaluator (default); exact = float64")
     add_inception_args(sc)
     sc.set_defaults(func=cmd_score)
+
+    io = sub.add_parser("import-official", help="convert an official PixelGen release checkpoint into a pixelgen one",
+                        description="Read an official class-to-image release (PixelGen_XL_80ep.ckpt or "
+                                    "PixelGen_XL_160ep.ckpt: a Lightning checkpoint), take its EMA weights, rename "
+                                    "them to this project's layout and write a checkpoint that `pixelgen sample` "
+                                    "reads. Its sampling section is the official one (Heun-50, shift 2, guidance "
+                                    "interval (0.1, 0.9], guidance 1.0), changeable with --config/--set. The result "
+                                    "is labelled comparable only for a released file whose sha256 matches the "
+                                    "digest `pixelgen weights fetch` recorded.")
+    io.add_argument("ckpt", help="the official checkpoint (.ckpt)")
+    io.add_argument("--out", required=True, help="the pixelgen checkpoint to write")
+    io.add_argument("--config", metavar="FILE", help="YAML whose sampling section overrides the official one")
+    io.add_argument("--set", dest="overrides", action="append", default=[], metavar="sampling.KEY=VALUE",
+                    help="override one sampling value (repeatable), e.g. --set sampling.cfg=2.25")
+    io.set_defaults(func=cmd_import_official)
 
     rp = sub.add_parser("report", help="results table (ours beside the paper's), plots and sample grids of a grid",
                         description="Collect a grid's metrics.json files and training logs into table.csv/.md "
@@ -274,8 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fetch: download with checksums; check: report present/missing/corrupt/random; "
                         "init-random: write random weights in the same formats (tests, offline demos)")
     w.add_argument("--dir", help="weights directory (default: $PIXELGEN_WEIGHTS or ~/.cache/pixelgen/weights)")
-    w.add_argument("--only", action="append", choices=["vgg16", "dinov2-b", "inception"],
-                   help="limit to one file (repeatable)")
+    from .weights import WEIGHT_FILES  # a light module: names only
+
+    w.add_argument("--only", action="append", choices=list(WEIGHT_FILES),
+                   help="limit to one file (repeatable); the official checkpoints and the ADM reference batch "
+                        "are handled only when named here")
     w.add_argument("--force", action="store_true", help="fetch: download again even if present")
     w.add_argument("--seed", type=int, default=0, help="init-random: seed")
     w.set_defaults(func=cmd_weights)

@@ -27,6 +27,7 @@ class WeightFile:
     url: str
     sha256_prefix: str | None  # published digest prefix (torchvision/torch-fidelity name their files by it)
     what: str
+    on_demand: bool = False  # large files that `fetch`/`check` handle only when named with --only
 
 
 WEIGHT_FILES: dict[str, WeightFile] = {
@@ -40,8 +41,21 @@ WEIGHT_FILES: dict[str, WeightFile] = {
                    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                    "weights-inception-2015-12-05-6726825d.pth",
                    "6726825d", "FID Inception-v3 (torch-fidelity state dict)"),
+        # The official releases and the ADM reference batch have no published digest: `fetch` records the one it
+        # downloaded in SHA256SUMS, and results are labelled comparable only while the file still matches it.
+        WeightFile("pixelgen-xl-80ep", "PixelGen_XL_80ep.ckpt",
+                   "https://huggingface.co/zehongma/PixelGen/resolve/main/PixelGen_XL_80ep.ckpt", None,
+                   "official PixelGen-XL/16, 80 epochs (FID 5.11 without guidance)", on_demand=True),
+        WeightFile("pixelgen-xl-160ep", "PixelGen_XL_160ep.ckpt",
+                   "https://huggingface.co/zehongma/PixelGen/resolve/main/PixelGen_XL_160ep.ckpt", None,
+                   "official PixelGen-XL/16, 160 epochs (FID 1.83 with guidance)", on_demand=True),
+        WeightFile("adm-ref-imagenet256", "VIRTUAL_imagenet256_labeled.npz",
+                   "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
+                   "VIRTUAL_imagenet256_labeled.npz", None,
+                   "ADM reference batch for ImageNet 256 (FID/sFID/precision/recall reference)", on_demand=True),
     ]
 }
+DEFAULT_KEYS = [k for k, w in WEIGHT_FILES.items() if not w.on_demand]
 
 
 def weights_dir(configured: str | None = None) -> Path:
@@ -92,13 +106,22 @@ def check_loadable(key: str, path: Path) -> str | None:
             from safetensors.torch import load_file
 
             state = load_file(str(path))
+        elif path.suffix == ".npz":
+            import numpy as np
+
+            state = dict.fromkeys(np.load(path).files)
+        elif path.suffix == ".ckpt":  # a Lightning checkpoint holds non-tensor state; mmap avoids reading 2.7 GB
+            import torch
+
+            state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         else:
             import torch
 
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any parse failure means the file is unusable
         return f"cannot be read ({type(err).__name__})"
-    expected = {"vgg16": "features.0.weight", "dinov2-b": "patch_embed.proj.weight", "inception": "Conv2d_1a_3x3.conv.weight"}
+    expected = {"vgg16": "features.0.weight", "dinov2-b": "patch_embed.proj.weight", "inception": "Conv2d_1a_3x3.conv.weight",
+                "pixelgen-xl-80ep": "state_dict", "pixelgen-xl-160ep": "state_dict", "adm-ref-imagenet256": "arr_0"}
     if not isinstance(state, dict) or expected[key] not in state:
         return f"does not hold the expected tensors ({expected[key]} missing)"
     return None
@@ -160,7 +183,7 @@ def init_random(directory: Path, keys=None, seed: int = 0) -> list[Path]:
     torch.manual_seed(seed)
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    for key in keys or list(WEIGHT_FILES):
+    for key in keys or DEFAULT_KEYS:
         target = directory / WEIGHT_FILES[key].filename
         if key == "vgg16":
             torch.save(torchvision.models.vgg16(weights=None).state_dict(), target)
@@ -172,6 +195,17 @@ def init_random(directory: Path, keys=None, seed: int = 0) -> list[Path]:
             save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(target))
         elif key == "inception":
             torch.save(_random_inception_state(), target)
+        elif key.startswith("pixelgen-"):  # a random XL/16 in the release's layout (2.7 GB)
+            from .model import JiT, SIZES
+            from .official import release_format
+
+            torch.save(release_format(JiT(SIZES["XL/16"])), target)
+        elif key == "adm-ref-imagenet256":  # 1,000 random images and statistics of the batch's shapes
+            import numpy as np
+
+            rng = np.random.default_rng(seed)
+            np.savez(target, arr_0=rng.integers(0, 256, (1000, 256, 256, 3), dtype=np.uint8),
+                     mu=rng.normal(size=2048), sigma=np.eye(2048), mu_s=rng.normal(size=2023), sigma_s=np.eye(2023))
         written.append(target)
     return written
 
