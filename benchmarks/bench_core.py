@@ -20,7 +20,8 @@ import torch
 
 from pixelgen.config import load_config
 from pixelgen.losses import PixelGenLoss
-from pixelgen.model import build_model
+from pixelgen.denoiser import build_denoiser
+from pixelgen.model import build_model, model_config
 from pixelgen.sampling import sample
 
 
@@ -38,13 +39,13 @@ def time_it(fn, repeats: int, warmup: int = 1) -> float:
 def train_step_time(overrides, batch, repeats):
     torch.manual_seed(0)
     cfg = load_config(overrides=["encoders.random_init=true", *overrides])
-    model = build_model(cfg["model"])
-    criterion = PixelGenLoss(cfg, model.cfg.depth, model.cfg.width, model.cfg.grid)
-    params = list(model.parameters()) + (list(criterion.projector.parameters()) if criterion.projector else [])
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    size = model.cfg.image_size
+    net_cfg = model_config(cfg["model"])
+    criterion = PixelGenLoss(cfg, net_cfg.grid, net_cfg.patch_size)
+    model = build_denoiser(cfg, criterion.repa_dim)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    size = net_cfg.image_size
     x = torch.rand(batch, 3, size, size) * 2 - 1
-    y = torch.randint(0, model.cfg.num_classes, (batch,))
+    y = torch.randint(0, net_cfg.num_classes, (batch,))
     gen = torch.Generator()
 
     def step():

@@ -18,7 +18,8 @@ import torch
 
 from pixelgen.config import load_config
 from pixelgen.losses import PixelGenLoss
-from pixelgen.model import build_model
+from pixelgen.denoiser import build_denoiser
+from pixelgen.model import build_model, model_config
 from pixelgen.sampling import sample
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM
@@ -47,11 +48,12 @@ def train_benchmark(size, image_size, batch, steps, device, compile_model):
     if size == "tiny":
         overrides += ["model.patch_size=4"]
     cfg = load_config(overrides=overrides)
-    model = build_model(cfg["model"]).to(device)
-    criterion = PixelGenLoss(cfg, model.cfg.depth, model.cfg.width, model.cfg.grid).to(device)
-    params = list(model.parameters()) + list(criterion.projector.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    forward_model = torch.compile(model) if compile_model else model
+    net_cfg = model_config(cfg["model"])
+    criterion = PixelGenLoss(cfg, net_cfg.grid, net_cfg.patch_size).to(device)
+    denoiser = build_denoiser(cfg, criterion.repa_dim).to(device)
+    model = denoiser.net
+    opt = torch.optim.AdamW(denoiser.parameters(), lr=1e-4)
+    forward_model = torch.compile(denoiser) if compile_model else denoiser
     x = torch.rand(batch, 3, image_size, image_size, device=device) * 2 - 1
     y = torch.randint(0, 1000, (batch,), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

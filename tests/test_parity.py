@@ -106,3 +106,41 @@ def test_paper_configs_follow_the_official_recipe():
     assert cfg["encoders"]["dino_pos_interp"] == "official" and cfg["encoders"]["dino_model"] == "vit_base_patch14_dinov2"
     assert cfg["data"]["batch_size"] == 32  # per GPU, x 8 GPUs = 256
     assert base_config()["sampling"]["corrector_interval_at"] == "t_cur"
+
+
+def test_uint8_conversion_rounds_halves_up_like_the_official_code():
+    from pixelgen.images import to_uint8
+
+    # 127.5 * (x + 1) = 126.5 exactly: the official floor(v + 0.5) gives 127, torch.round (half to even) 126
+    x = torch.tensor([126.5 / 127.5 - 1, -1.2, 1.3, 0.0]).view(1, 1, 2, 2).expand(1, 3, 2, 2)
+    assert to_uint8(x)[0, :, :, 0].flatten().tolist() == [127, 0, 255, 128]
+
+
+def test_sampling_noise_is_scaled_by_the_training_noise_scale(tmp_path, monkeypatch):
+    from pixelgen import sample_job
+    from pixelgen.checkpoint import save_atomic
+    from pixelgen.config import load_config
+
+    config = load_config(overrides=["flow.noise_scale=2.0", "model.image_size=16", "model.patch_size=4"])
+    net = JiT(jit_config("tiny", image_size=16, patch_size=4))
+    save_atomic({"ema": {"shadow": net.state_dict()}, "config": config, "step": 1}, tmp_path / "c.pt")
+    seen = []
+    monkeypatch.setattr(sample_job, "sample", lambda model, noise, y, **kw: seen.append(noise) or noise.clamp(-1, 1))
+    sample_job.run_sampling(tmp_path / "c.pt", 2, tmp_path / "out", steps=2, progress=False, device="cpu")
+    expected = torch.stack([sample_job.image_noise(i, 0, (3, 16, 16)) for i in range(2)]) * 2.0
+    assert torch.equal(seen[0], expected)
+
+
+def test_lpips_inputs_are_rescaled_to_patch_16_only_when_asked():
+    from pixelgen.losses import PixelGenLoss
+    from conftest import small_config
+
+    sizes = []
+    for rescale in ("false", "true"):
+        cfg = small_config(loss={"lpips_rescale_to_p16": rescale, "pdino_weight": 0, "repa_weight": 0},
+                           encoders={"dino_model": "vit_small_patch14_dinov2"})
+        criterion = PixelGenLoss(cfg, model_grid=4, patch_size=4)
+        criterion.lpips.net.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[-1]))
+        x = torch.rand(2, 3, 16, 16) * 2 - 1
+        criterion.perceptual(x, x.flip(0), torch.tensor([0.5, 0.9]))
+    assert sizes == [16, 64]  # 16 px at patch 4 is seen as 16 * 16 / 4 = 64 px, as the official code does

@@ -100,8 +100,8 @@ def kid(features_a: np.ndarray, features_b: np.ndarray, subsets: int = 100, subs
 
 
 def _adm_operands(x: torch.Tensor) -> tuple:
-    """What ADM's DistanceBlock feeds its two graphs: the float16 values with their float16 squared norms, and the
-    float32 ones with theirs (the fallback)."""
+    """What ADM's DistanceBlock feeds its two graphs: the float16 values (held in float32) with their float16
+    squared norms (squares rounded to float16, summed in float32), and the float32 values with theirs (fallback)."""
     x32 = x.float()
     x16 = x32.half()
     return x16.float(), (x16 * x16).float().sum(1).half(), x32, (x32 * x32).sum(1)
@@ -114,8 +114,8 @@ def _distances(a, b, distance: str) -> torch.Tensor:
         return torch.cdist(a, b)
     a16, na16, a32, na32 = a
     b16, nb16, b32, nb32 = b
-    # TF's float16 matmul multiplies and sums in float32 and rounds once: float16 inputs held in float32 give the
-    # same (products of float16 values are exact in float32), and fast float32 BLAS on CPU
+    # TF's float16 matmul multiplies and sums in float32 and rounds once to float16: a float32 matmul of the float16
+    # values does the same up to summation order (their products are exact in float32), with fast BLAS on CPU
     mm16 = (a16 @ b16.T).half()
     d = na16[:, None] - 2 * mm16 + nb16[None]  # each operation rounded to float16, as in the TF graph
     if not torch.isfinite(d).all():  # float16 overflowed in this block: ADM redoes the block in float32

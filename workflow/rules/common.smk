@@ -28,13 +28,34 @@ def _load_variants(path):
 
 
 VARIANTS = _load_variants(config["variants"])
+# Variants with `import: <release>` are official checkpoints converted by `pixelgen import-official`, not trained
+IMPORTED = {name: v["import"] for name, v in VARIANTS.items() if isinstance(v, dict) and v.get("import")}
+TRAINED = [name for name in VARIANTS if name not in IMPORTED]
+
+
+def names_pattern(names):
+    """A wildcard constraint matching exactly these variant names (nothing when the list is empty)."""
+    import re
+
+    return "|".join(re.escape(n) for n in names) or "(?!x)x"
 GRID = config["grid"]
 WORK = config["work_dir"]
 RESULTS = f"{config['results_dir']}/{GRID}"
 DATASET = config["dataset"]
 RAW = DATASET["raw"]
 SHARDS = f"{WORK}/shards/{DATASET['name']}-{DATASET['resolution']}"
-REF = f"{WORK}/ref/{DATASET['name']}-{DATASET['resolution']}.npz"
+
+
+def weights_file(name):
+    """A `pixelgen weights` key (its file in the weights directory) or a path, as given."""
+    from pixelgen.weights import WEIGHT_FILES, weights_dir
+
+    return str(weights_dir() / WEIGHT_FILES[name].filename) if name in WEIGHT_FILES else name
+
+
+# Scoring reference: the ADM reference batch (paper configs) or Inception statistics of our own training shards
+REF = weights_file(config["reference"]) if config.get("reference") else \
+    f"{WORK}/ref/{DATASET['name']}-{DATASET['resolution']}.npz"
 LOGS = f"{WORK}/logs/{GRID}"
 RUNS = f"{WORK}/runs/{GRID}"
 SAMPLES = f"{WORK}/samples/{GRID}"
@@ -57,7 +78,7 @@ def _check_variants():
     from pixelgen.config import load_config
     from pixelgen.errors import PixelgenError
 
-    for name in VARIANTS:
+    for name in TRAINED:
         try:
             resolved = load_config(config["pixelgen"], variant_overrides(name))
         except PixelgenError as err:
@@ -68,7 +89,7 @@ def _check_variants():
 
 
 _check_variants()
-if not DATASET["generate_demo"] and not Path(RAW).exists():
+if TRAINED and not DATASET["generate_demo"] and not Path(RAW).exists():
     raise WorkflowError(f"raw dataset not found: {RAW} (run `dvc pull`, or link your ImageFolder there; "
                         f"see README, Data)")
 

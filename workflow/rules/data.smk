@@ -32,20 +32,23 @@ rule shard:
         "--format {DATASET[format]} --workers {threads} --quiet > {log} 2>&1"
 
 
-rule ref_stats:
-    input:
-        f"{SHARDS}/manifest.json",
-    output:
-        REF,
-    params:
-        limit=f"--max {config['ref_max']}" if config.get("ref_max") else "",
-        random=random_flag(),
-    log:
-        f"{LOGS}/ref_stats.log",
-    threads: RES["other"]["cpus"]
-    resources:
-        mem_mb=RES["other"]["mem_mb"],
-        runtime=RES["other"]["runtime"],
-        gpu=1 if config.get("train_gpus", 0) > 0 else 0,
-    shell:
-        "pixelgen ref-stats {SHARDS} --out {output} {params.limit} {params.random} --quiet > {log} 2>&1"
+# Reference statistics of the training shards, unless the config names a reference (the ADM batch) to use
+if not config.get("reference"):
+
+    rule ref_stats:
+        input:
+            f"{SHARDS}/manifest.json",
+        output:
+            REF,
+        params:
+            limit=f"--max {config['ref_max']}" if config.get("ref_max") else "",
+            random=random_flag(),
+        log:
+            f"{LOGS}/ref_stats.log",
+        threads: RES["other"]["cpus"]
+        resources:
+            mem_mb=RES["other"]["mem_mb"],
+            runtime=RES["other"]["runtime"],
+            gpu=1 if config.get("train_gpus", 0) > 0 else 0,
+        shell:
+            "pixelgen ref-stats {SHARDS} --out {output} {params.limit} {params.random} --quiet > {log} 2>&1"

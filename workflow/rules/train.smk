@@ -18,6 +18,8 @@ rule train:
         parent=f"{WORK}/mlflow/{GRID}.parent",
     output:
         f"{RUNS}/{{variant}}/checkpoints/final.pt",
+    wildcard_constraints:
+        variant=names_pattern(TRAINED),
     params:
         sets=lambda wc: sets(wc.variant),
         launcher=("pixelgen" if config.get("train_gpus", 0) <= 1 else
@@ -33,3 +35,21 @@ rule train:
         "{params.launcher} train --config {config[pixelgen]} {params.sets} "
         "--set tracking.parent_run_id=$(cat {input.parent}) --run-dir {RUNS}/{wildcards.variant} --quiet "
         ">> {log} 2>&1"
+
+
+# An official release checkpoint stands in for training: converted once, then sampled and scored like our own.
+rule import_official:
+    input:
+        lambda wc: weights_file(IMPORTED[wc.variant]),
+    output:
+        f"{RUNS}/{{variant}}/checkpoints/final.pt",
+    wildcard_constraints:
+        variant=names_pattern(IMPORTED),
+    log:
+        f"{LOGS}/import/{{variant}}.log",
+    threads: 1
+    resources:
+        mem_mb=RES["other"]["mem_mb"],
+        runtime=RES["other"]["runtime"],
+    shell:
+        "pixelgen import-official {input} --out {output} > {log} 2>&1"
