@@ -138,3 +138,23 @@ def check_forward_parity(module, bottleneck):
         _, f_official = official(z, t, y, return_layer=cfg.in_context_start + 1)
         _, f_ours = ours(z, t, y, feature_block=cfg.in_context_start + 1)
     assert (f_official - f_ours).abs().max().item() <= 1e-5
+
+
+def test_releases_are_fetched_only_when_named_and_verified_by_the_recorded_digest(tmp_path):
+    from pixelgen import weights
+    from pixelgen.files import sha256
+
+    assert set(weights.DEFAULT_KEYS) == {"vgg16", "dinov2-b", "inception"}  # no 2.7 GB surprise by default
+    release = tmp_path / "PixelGen_XL_80ep.ckpt"
+    torch.save(release_format(perturbed(JiT(SIZES["tiny"]))), release)
+    assert weights.status("pixelgen-xl-80ep", tmp_path)[0] == "random"
+    assert import_official(release, tmp_path / "a.pt")["verified"] is False
+    # what `weights fetch` records after a download: the file now counts as the release
+    (tmp_path / weights.SUMS_FILE).write_text(f"{sha256(release)}  {release.name}\n")
+    assert weights.status("pixelgen-xl-80ep", tmp_path)[0] == "ok"
+    assert import_official(release, tmp_path / "b.pt")["verified"] is True
+    assert torch.load(tmp_path / "b.pt", weights_only=False)["encoders_real"] is True
+    missing = pixelgen("weights", "check", "--dir", str(tmp_path / "none"), "--only", "adm-ref-imagenet256")
+    assert missing.returncode == 1 and "missing" in missing.stdout
+    with pytest.raises(PixelgenError, match="weights fetch --only adm-ref-imagenet256"):
+        weights.weight_path("adm-ref-imagenet256", tmp_path / "none")

@@ -17,6 +17,13 @@ from .errors import PixelgenError
 from .files import sha256
 
 FETCH_HINT = "run `pixelgen weights fetch` on a machine with a network, or copy the file there by hand"
+
+
+def fetch_hint(key: str) -> str:
+    """How to get one file: on-demand files are fetched only when named."""
+    if WEIGHT_FILES[key].on_demand:
+        return FETCH_HINT.replace("weights fetch", f"weights fetch --only {key}")
+    return FETCH_HINT
 SUMS_FILE = "SHA256SUMS"  # written by `weights fetch`: the digest of each file as downloaded
 
 
@@ -74,7 +81,7 @@ def weight_path(key: str, directory: Path | str | None = None) -> Path:
     wf = WEIGHT_FILES[key]
     path = weights_dir(str(directory) if directory else None) / wf.filename
     if not path.is_file():
-        raise PixelgenError(f"missing {wf.what}: {path} not found; {FETCH_HINT} "
+        raise PixelgenError(f"missing {wf.what}: {path} not found; {fetch_hint(key)} "
                             f"(or set encoders.random_init=true for a test run)")
     return path
 
@@ -134,7 +141,7 @@ def status(key: str, directory: Path) -> tuple[str, str]:
         return "missing", str(path)
     problem = check_loadable(key, path)
     if problem:
-        return "corrupt", f"{path} {problem}; delete it and {FETCH_HINT}"
+        return "corrupt", f"{path} {problem}; delete it and {fetch_hint(key)}"
     if is_published(key, path):
         return "ok", str(path)
     return "random", f"{path} loads but is not the published file (metrics made with it are not comparable)"
