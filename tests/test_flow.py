@@ -32,7 +32,7 @@ def test_logit_normal_t_matches_the_paper():
     gen = torch.Generator().manual_seed(0)
     t = flow.sample_t(200_000, -0.8, 0.8, generator=gen)
     assert 0 < t.min() and t.max() < 1
-    # P(t < 0.3) = Phi((logit(0.3) + 0.8) / 0.8) = 0.476 (PAPER.md rounds this to "~52%": that is P(t > 0.3))
+    # P(t < 0.3) = Phi((logit(0.3) + 0.8) / 0.8) = 0.476 (docs/science.md: about 52% lie above, 47.6% below)
     expected = 0.5 * (1 + math.erf((math.log(0.3 / 0.7) + 0.8) / 0.8 / math.sqrt(2)))
     assert abs((t < 0.3).float().mean().item() - expected) < 0.005
     assert abs(expected - 0.476) < 0.001
