@@ -10,134 +10,11 @@ from pathlib import Path
 
 from .errors import PixelgenError
 
+
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML config merged over the packaged defaults")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.SUB=VALUE",
                         help="override one config value (repeatable), e.g. --set loss.gate=0.6")
-
-
-def cmd_config(args) -> int:
-    import yaml
-
-    from .config import load_config
-
-    config = load_config(args.config, args.overrides)
-    sys.stdout.write(yaml.safe_dump(config, sort_keys=False))
-    return 0
-
-
-def cmd_weights(args) -> int:
-    from . import weights
-
-    directory = weights.weights_dir(args.dir)
-    keys = args.only or weights.DEFAULT_KEYS
-    if args.action == "fetch":
-        for key in keys:
-            state, _ = weights.status(key, directory)
-            if state == "ok" and not args.force:
-                print(f"{key:10s} ok (already present)")
-                continue
-            path = weights.fetch(key, directory)
-            print(f"{key:10s} fetched -> {path}")
-        return 0
-    if args.action == "init-random":
-        for path in weights.init_random(directory, keys, seed=args.seed):
-            print(f"random weights -> {path}")
-        print("these are NOT the published weights: every metric made with them is marked not comparable")
-        return 0
-    worst = 0
-    print(f"weights directory: {directory}")
-    for key in keys:
-        state, detail = weights.status(key, directory)
-        print(f"{key:10s} {state:8s} {detail}")
-        worst = max(worst, {"ok": 0, "random": 0, "missing": 1, "corrupt": 1}[state])
-    return worst
-
-
-def cmd_demo_data(args) -> int:
-    from .demo_data import write_demo_dataset
-
-    counts = write_demo_dataset(Path(args.out), resolution=args.resolution, per_class=args.per_class,
-                                num_classes=args.classes, seed=args.seed, progress=not args.quiet)
-    print(f"wrote {sum(counts.values())} images in {len(counts)} classes to {args.out}")
-    return 0
-
-
-def cmd_shard(args) -> int:
-    from .shards import ShardSettings, build_shards
-
-    settings = ShardSettings(resolution=args.resolution, shard_size=args.shard_size, image_format=args.format,
-                             quality=args.quality, seed=args.seed)
-    manifest = build_shards(Path(args.src), Path(args.out), settings, workers=args.workers, strict=args.strict,
-                            progress=not args.quiet)
-    print(f"{manifest['num_samples']} images in {len(manifest['shards'])} shards -> {args.out}/manifest.json; "
-          f"{len(manifest['rejected'])} rejected")
-    for rejected in manifest["rejected"][:10]:
-        print(f"  rejected {rejected['path']}: {rejected['reason']}")
-    if len(manifest["rejected"]) > 10:
-        print(f"  ... and {len(manifest['rejected']) - 10} more (see manifest.json)")
-    return 0
-
-
-def cmd_train(args) -> int:
-    from .config import load_config
-    from .train import train
-
-    config = load_config(args.config, args.overrides)
-    final = train(config, Path(args.run_dir), stop_at_step=args.stop_at_step, progress=not args.quiet)
-    print(f"done: {final}")
-    return 0
-
-
-def cmd_sample(args) -> int:
-    from .sample_job import run_sampling
-
-    manifest = run_sampling(Path(args.ckpt), args.num, Path(args.out), sampler=args.sampler, steps=args.steps,
-                            cfg=args.cfg, interval=tuple(args.interval) if args.interval else None,
-                            shift=args.shift, batch_size=args.batch_size, shard_size=args.shard_size,
-                            part=args.part, seed=args.seed, npz=args.npz, device=args.device,
-                            progress=not args.quiet, config_file=args.config, overrides=tuple(args.overrides))
-    if manifest is not None:
-        print(f"{manifest['num']} samples complete in {args.out} ({manifest['sampler']}-{manifest['steps']}, "
-              f"guidance {manifest['cfg']})")
-    else:
-        print(f"this part is done; {args.out}/samples.json is written when every part has finished")
-    return 0
-
-
-def cmd_ref_stats(args) -> int:
-    from .score import ref_stats
-
-    info = ref_stats(Path(args.shards), Path(args.out), batch_size=args.batch_size, limit=args.max,
-                     weights_dir=args.weights_dir, allow_random=args.allow_random_weights, device=args.device,
-                     progress=not args.quiet)
-    label = "" if info["weights_real"] else " (RANDOM Inception weights: not comparable)"
-    print(f"reference statistics of {info['num']} images -> {args.out}{label}")
-    return 0
-
-
-def cmd_score(args) -> int:
-    from .score import score
-
-    result = score(Path(args.samples), Path(args.ref), Path(args.out), batch_size=args.batch_size,
-                   weights_dir=args.weights_dir, allow_random=args.allow_random_weights, device=args.device,
-                   mlflow_run_id=args.mlflow_run_id, progress=not args.quiet, is_mode=args.is_splits,
-                   pr_distance=args.pr_distance)
-    label = "" if result["comparable"] else "  [random weights: NOT comparable to published numbers]"
-    sfid = "n/a (remake the ref-stats)" if result["sfid"] is None else f"{result['sfid']:.2f}"
-    print(f"FID {result['fid']:.2f}  sFID {sfid}  IS {result['inception_score']:.2f}  precision {result['precision']:.3f}  "
-          f"recall {result['recall']:.3f}  KID {result['kid']:.4f}  ({result['num_samples']} samples){label}")
-    return 0
-
-
-def cmd_import_official(args) -> int:
-    from .official import import_official
-
-    info = import_official(Path(args.ckpt), Path(args.out), config_file=args.config, overrides=tuple(args.overrides))
-    label = "" if info["verified"] else "  [not a verified release file: results are labelled NOT comparable]"
-    print(f"imported {info['size']} ({info['params'] / 1e6:.1f}M parameters, step {info['step']}) -> {args.out}; "
-          f"sampling {info['sampling']}{label}")
-    return 0
 
 
 def add_inception_args(parser: argparse.ArgumentParser) -> None:
@@ -149,29 +26,8 @@ def add_inception_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def cmd_report(args) -> int:
-    from .report import build_report
-
-    info = build_report(Path(args.grid), Path(args.metrics), Path(args.runs), Path(args.out), title=args.title)
-    print(f"report of {info['rows']} variants -> {info['out']}/table.md")
-    return 0
-
-
-def cmd_track_parent(args) -> int:
-    from .tracking import start_parent_run
-
-    run_id = start_parent_run(args.experiment, args.name, args.uri, Path(args.out))
-    print(f"MLflow parent run {run_id} -> {args.out}")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pixelgen",
-        description="Train, sample and score pixel-space diffusion models with perceptual losses (PixelGen).",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+# --- pixelgen demo-data --------------------------------------------------------------------------
+def add_demo_data(sub) -> None:
     d = sub.add_parser("demo-data", help="write the built-in demo ImageFolder (procedural, no download)",
                        description="Write a small class-conditional ImageFolder (a coloured shape per class) that "
                                    "needs no download; deterministic for a seed. Existing files are kept.")
@@ -181,8 +37,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--classes", type=int, default=10, help="number of classes, at most 10 (default 10)")
     d.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
-    d.set_defaults(func=cmd_demo_data)
+    d.set_defaults(func=run_demo_data)
 
+
+def run_demo_data(args) -> int:
+    from .demo_data import write_demo_dataset
+
+    counts = write_demo_dataset(Path(args.out), resolution=args.resolution, per_class=args.per_class,
+                                num_classes=args.classes, seed=args.seed, progress=not args.quiet)
+    print(f"wrote {sum(counts.values())} images in {len(counts)} classes to {args.out}")
+    return 0
+
+
+# --- pixelgen shard ------------------------------------------------------------------------------
+def add_shard(sub) -> None:
     s = sub.add_parser("shard", help="ImageFolder -> WebDataset shards + manifest (ADM center crop, RGB)",
                        description="Center-crop every image of an ImageFolder once (ADM: box halvings, bicubic, "
                                    "center crop), convert to RGB and write WebDataset tar shards plus "
@@ -199,8 +67,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed of the sample order (default 0)")
     s.add_argument("--strict", action="store_true", help="stop at the first unreadable file instead of rejecting")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.set_defaults(func=cmd_shard)
+    s.set_defaults(func=run_shard)
 
+
+def run_shard(args) -> int:
+    from .shards import ShardSettings, build_shards
+
+    settings = ShardSettings(resolution=args.resolution, shard_size=args.shard_size, image_format=args.format,
+                             quality=args.quality, seed=args.seed)
+    manifest = build_shards(Path(args.src), Path(args.out), settings, workers=args.workers, strict=args.strict,
+                            progress=not args.quiet)
+    print(f"{manifest['num_samples']} images in {len(manifest['shards'])} shards -> {args.out}/manifest.json; "
+          f"{len(manifest['rejected'])} rejected")
+    for rejected in manifest["rejected"][:10]:
+        print(f"  rejected {rejected['path']}: {rejected['reason']}")
+    if len(manifest["rejected"]) > 10:
+        print(f"  ... and {len(manifest['rejected']) - 10} more (see manifest.json)")
+    return 0
+
+
+# --- pixelgen train ------------------------------------------------------------------------------
+def add_train(sub) -> None:
     t = sub.add_parser("train", help="train a model (resumable: rerun the same command; DDP under torchrun)",
                        description="Train one model. State lives in --run-dir: config.yaml, checkpoints/last.pt "
                                    "(every train.ckpt_every steps and on SIGTERM) and checkpoints/final.pt. Rerunning "
@@ -210,8 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", required=True, help="where config, checkpoints and sample grids go")
     t.add_argument("--stop-at-step", type=int, help=argparse.SUPPRESS)  # tests: behave as if preempted here
     t.add_argument("--quiet", action="store_true", help="no progress bar")
-    t.set_defaults(func=cmd_train)
+    t.set_defaults(func=run_train)
 
+
+def run_train(args) -> int:
+    from .config import load_config
+    from .train import train
+
+    config = load_config(args.config, args.overrides)
+    final = train(config, Path(args.run_dir), stop_at_step=args.stop_at_step, progress=not args.quiet)
+    print(f"done: {final}")
+    return 0
+
+
+# --- pixelgen sample -----------------------------------------------------------------------------
+def add_sample(sub) -> None:
     sp = sub.add_parser("sample", help="class-balanced EMA samples from a checkpoint, as PNG shards (resumable)",
                         description="Sample --num class-balanced images (image i has class i %% C and noise "
                                     "seeded by i) with the checkpoint's EMA weights. Settings: the checkpoint's "
@@ -235,8 +135,27 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--npz", action="store_true", help="also write samples.npz in the ADM evaluator's format")
     sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
-    sp.set_defaults(func=cmd_sample)
+    sp.set_defaults(func=run_sample)
 
+
+def run_sample(args) -> int:
+    from .sample_job import run_sampling
+
+    manifest = run_sampling(Path(args.ckpt), args.num, Path(args.out), sampler=args.sampler, steps=args.steps,
+                            cfg=args.cfg, interval=tuple(args.interval) if args.interval else None,
+                            shift=args.shift, batch_size=args.batch_size, shard_size=args.shard_size,
+                            part=args.part, seed=args.seed, npz=args.npz, device=args.device,
+                            progress=not args.quiet, config_file=args.config, overrides=tuple(args.overrides))
+    if manifest is not None:
+        print(f"{manifest['num']} samples complete in {args.out} ({manifest['sampler']}-{manifest['steps']}, "
+              f"guidance {manifest['cfg']})")
+    else:
+        print(f"this part is done; {args.out}/samples.json is written when every part has finished")
+    return 0
+
+
+# --- pixelgen ref-stats --------------------------------------------------------------------------
+def add_ref_stats(sub) -> None:
     r = sub.add_parser("ref-stats", help="reference Inception statistics (FID/sFID mu/sigma + features) of a shard set",
                        description="Inception pool3 features of the images in a shard folder: mean, covariance "
                                    "and up to 10,000 features (for precision/recall and KID), and the mean and "
@@ -245,8 +164,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="output .npz")
     r.add_argument("--max", type=int, help="use at most this many images")
     add_inception_args(r)
-    r.set_defaults(func=cmd_ref_stats)
+    r.set_defaults(func=run_ref_stats)
 
+
+def run_ref_stats(args) -> int:
+    from .score import ref_stats
+
+    info = ref_stats(Path(args.shards), Path(args.out), batch_size=args.batch_size, limit=args.max,
+                     weights_dir=args.weights_dir, allow_random=args.allow_random_weights, device=args.device,
+                     progress=not args.quiet)
+    label = "" if info["weights_real"] else " (RANDOM Inception weights: not comparable)"
+    print(f"reference statistics of {info['num']} images -> {args.out}{label}")
+    return 0
+
+
+# --- pixelgen score ------------------------------------------------------------------------------
+def add_score(sub) -> None:
     sc = sub.add_parser("score", help="FID, sFID, IS, KID, precision/recall of samples against reference statistics",
                         description="Score a sample folder (or an ADM-format .npz) against pixelgen ref-stats or "
                                     "the ADM reference batch (VIRTUAL_imagenet256_labeled.npz). Writes metrics.json "
@@ -262,8 +195,25 @@ def build_parser() -> argparse.ArgumentParser:
                     help="precision/recall distances: adm = squared distances in float16 with a float32 fallback, "
                          "as the ADM evaluator (default); exact = float64")
     add_inception_args(sc)
-    sc.set_defaults(func=cmd_score)
+    sc.set_defaults(func=run_score)
 
+
+def run_score(args) -> int:
+    from .score import score
+
+    result = score(Path(args.samples), Path(args.ref), Path(args.out), batch_size=args.batch_size,
+                   weights_dir=args.weights_dir, allow_random=args.allow_random_weights, device=args.device,
+                   mlflow_run_id=args.mlflow_run_id, progress=not args.quiet, is_mode=args.is_splits,
+                   pr_distance=args.pr_distance)
+    label = "" if result["comparable"] else "  [random weights: NOT comparable to published numbers]"
+    sfid = "n/a (remake the ref-stats)" if result["sfid"] is None else f"{result['sfid']:.2f}"
+    print(f"FID {result['fid']:.2f}  sFID {sfid}  IS {result['inception_score']:.2f}  precision {result['precision']:.3f}  "
+          f"recall {result['recall']:.3f}  KID {result['kid']:.4f}  ({result['num_samples']} samples){label}")
+    return 0
+
+
+# --- pixelgen import-official --------------------------------------------------------------------
+def add_import_official(sub) -> None:
     io = sub.add_parser("import-official", help="convert an official PixelGen release checkpoint into a pixelgen one",
                         description="Read an official class-to-image release (PixelGen_XL_80ep.ckpt or "
                                     "PixelGen_XL_160ep.ckpt: a Lightning checkpoint), take its EMA weights, rename "
@@ -277,8 +227,21 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--config", metavar="FILE", help="YAML whose sampling section overrides the official one")
     io.add_argument("--set", dest="overrides", action="append", default=[], metavar="sampling.KEY=VALUE",
                     help="override one sampling value (repeatable), e.g. --set sampling.cfg=2.25")
-    io.set_defaults(func=cmd_import_official)
+    io.set_defaults(func=run_import_official)
 
+
+def run_import_official(args) -> int:
+    from .official import import_official
+
+    info = import_official(Path(args.ckpt), Path(args.out), config_file=args.config, overrides=tuple(args.overrides))
+    label = "" if info["verified"] else "  [not a verified release file: results are labelled NOT comparable]"
+    print(f"imported {info['size']} ({info['params'] / 1e6:.1f}M parameters, step {info['step']}) -> {args.out}; "
+          f"sampling {info['sampling']}{label}")
+    return 0
+
+
+# --- pixelgen report -----------------------------------------------------------------------------
+def add_report(sub) -> None:
     rp = sub.add_parser("report", help="results table (ours beside the paper's), plots and sample grids of a grid",
                         description="Collect a grid's metrics.json files and training logs into table.csv/.md "
                                     "(the shape of the paper's Table 1), loss_curves.png, fid_recall.png and "
@@ -288,8 +251,19 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--runs", required=True, help="folder of <variant>/ training run dirs")
     rp.add_argument("--out", required=True, help="output folder")
     rp.add_argument("--title", help="table title")
-    rp.set_defaults(func=cmd_report)
+    rp.set_defaults(func=run_report)
 
+
+def run_report(args) -> int:
+    from .report import build_report
+
+    info = build_report(Path(args.grid), Path(args.metrics), Path(args.runs), Path(args.out), title=args.title)
+    print(f"report of {info['rows']} variants -> {info['out']}/table.md")
+    return 0
+
+
+# --- pixelgen track-parent -----------------------------------------------------------------------
+def add_track_parent(sub) -> None:
     tp = sub.add_parser("track-parent", help="create (once) the MLflow parent run of a workflow run",
                         description="Create the parent MLflow run that the variants of a grid nest under, and "
                                     "write its id to --out; if --out exists, reuse that run.")
@@ -297,8 +271,19 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--name", required=True, help="run name")
     tp.add_argument("--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///results/mlflow.db)")
     tp.add_argument("--out", required=True, help="file that receives the run id")
-    tp.set_defaults(func=cmd_track_parent)
+    tp.set_defaults(func=run_track_parent)
 
+
+def run_track_parent(args) -> int:
+    from .tracking import start_parent_run
+
+    run_id = start_parent_run(args.experiment, args.name, args.uri, Path(args.out))
+    print(f"MLflow parent run {run_id} -> {args.out}")
+    return 0
+
+
+# --- pixelgen weights ----------------------------------------------------------------------------
+def add_weights(sub) -> None:
     w = sub.add_parser("weights", help="fetch or check pretrained weights (VGG16, DINOv2-B, FID Inception)",
                        description="Pretrained weights live in one directory ($PIXELGEN_WEIGHTS, default "
                                    "~/.cache/pixelgen/weights) and are never downloaded at run time.")
@@ -313,12 +298,59 @@ def build_parser() -> argparse.ArgumentParser:
                         "are handled only when named here")
     w.add_argument("--force", action="store_true", help="fetch: download again even if present")
     w.add_argument("--seed", type=int, default=0, help="init-random: seed")
-    w.set_defaults(func=cmd_weights)
+    w.set_defaults(func=run_weights)
 
+
+def run_weights(args) -> int:
+    from . import weights
+
+    directory = weights.weights_dir(args.dir)
+    keys = args.only or weights.DEFAULT_KEYS
+    if args.action == "fetch":
+        for key, outcome in weights.fetch_missing(keys, directory, force=args.force):
+            print(f"{key:10s} {outcome}")
+        return 0
+    if args.action == "init-random":
+        for path in weights.init_random(directory, keys, seed=args.seed):
+            print(f"random weights -> {path}")
+        print("these are NOT the published weights: every metric made with them is marked not comparable")
+        return 0
+    print(f"weights directory: {directory}")
+    rows, usable = weights.check_all(keys, directory)
+    for key, state, detail in rows:
+        print(f"{key:10s} {state:8s} {detail}")
+    return 0 if usable else 1
+
+
+# --- pixelgen config -----------------------------------------------------------------------------
+def add_config(sub) -> None:
     c = sub.add_parser("config", help="print the resolved config (defaults + --config + --set), validated",
                        description="Resolve and validate a config exactly as the jobs do, and print it as YAML.")
     add_config_args(c)
-    c.set_defaults(func=cmd_config)
+    c.set_defaults(func=run_config)
+
+
+def run_config(args) -> int:
+    import yaml
+
+    from .config import load_config
+
+    config = load_config(args.config, args.overrides)
+    sys.stdout.write(yaml.safe_dump(config, sort_keys=False))
+    return 0
+
+
+COMMANDS = (add_demo_data, add_shard, add_train, add_sample, add_ref_stats, add_score, add_import_official, add_report, add_track_parent, add_weights, add_config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pixelgen",
+        description="Train, sample and score pixel-space diffusion models with perceptual losses (PixelGen).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 

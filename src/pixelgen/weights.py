@@ -240,3 +240,18 @@ def _random_inception_state() -> dict:
         if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
             torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
     return net.state_dict()
+
+
+def fetch_missing(keys, directory: Path, force: bool = False):
+    """Fetch each key that is not already present and published; yields (key, what happened)."""
+    for key in keys:
+        if status(key, directory)[0] == "ok" and not force:
+            yield key, "ok (already present)"
+            continue
+        yield key, f"fetched -> {fetch(key, directory)}"
+
+
+def check_all(keys, directory: Path) -> tuple[list[tuple[str, str, str]], bool]:
+    """(key, state, detail) for each key, and whether all are usable (present and readable; random is usable)."""
+    rows = [(key, *status(key, directory)) for key in keys]
+    return rows, all(state in ("ok", "random") for _, state, _ in rows)
