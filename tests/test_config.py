@@ -86,3 +86,37 @@ def test_cli_config_prints_resolved_yaml():
     result = run_cli("config", "--set", "loss.gate=0.6")
     assert result.returncode == 0
     assert yaml.safe_load(result.stdout)["loss"]["gate"] == 0.6
+
+
+def _grid(tmp_path, variants):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"title": "t", "variants": variants}))
+    return path
+
+
+@pytest.mark.parametrize("variants, key", [({"v": {"sets": ["loss.gate=0.5"]}}, "sets"),
+                                           ({"v": {"paper": {"fid": 1.0, "recall": 0.5}}}, "recall"),
+                                           ({"v": {"sample": {"sampler": "heun"}}}, "sampler"),
+                                           ({"v": {"set": "loss.gate=0.5"}}, "set")])
+def test_grid_typos_are_named(tmp_path, variants, key):
+    from pixelgen.config import load_grid
+    from pixelgen.errors import PixelgenError
+
+    with pytest.raises(PixelgenError, match=f"'{key}'"):
+        load_grid(_grid(tmp_path, variants))
+
+
+def test_grid_loader_lives_in_config_and_matches_the_workflow_schema(tmp_path):
+    from pathlib import Path
+
+    from pixelgen import config, report
+
+    assert report.load_grid is config.load_grid
+    schema = yaml.safe_load((Path(__file__).parents[1] / "workflow/schemas/grid.schema.yaml").read_text())
+    variant = schema["properties"]["variants"]["additionalProperties"]["properties"]
+    assert tuple(variant) == config.VARIANT_KEYS
+    assert tuple(variant["paper"]["properties"]) == config.PAPER_KEYS
+    assert tuple(variant["sample"]["properties"]) == config.VARIANT_SAMPLE_KEYS
+    assert set(config.PAPER_KEYS) == {label.lower() for _, label, _ in report.COLUMNS}
+    grid = config.load_grid(_grid(tmp_path, {"a": None, "b": {"set": ["loss.gate=0.5"], "paper": {"fid": 2.0}}}))
+    assert grid["variants"]["a"] == {} and grid["variants"]["b"]["paper"] == {"fid": 2.0}

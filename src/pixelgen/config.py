@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, PixelgenError
 
 # Keys whose default is null, and the type a non-null value must have.
 NULLABLE_TYPES: dict[str, type | tuple[type, ...]] = {
@@ -165,3 +165,47 @@ def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+# A grid file (config/grids/*.yaml): `title` and named `variants`. The workflow also checks grids against
+# workflow/schemas/grid.schema.yaml; these constants are the same rules for `pixelgen report` (a test keeps
+# them in step with the schema).
+GRID_KEYS = ("title", "variants")
+VARIANT_KEYS = ("description", "set", "sample", "import", "paper")
+VARIANT_SAMPLE_KEYS = ("num", "batch_size")  # how many samples, not how: sampler settings are `set: sampling.*`
+PAPER_KEYS = ("fid", "sfid", "is", "prec", "rec")  # report.COLUMNS' labels, lower-cased
+
+
+def _unknown(what: str, keys: Iterable[str], known: Iterable[str]) -> None:
+    bad = [k for k in keys if k not in known]
+    if bad:
+        raise PixelgenError(f"{what}: unknown key '{bad[0]}' (allowed: {', '.join(known)})")
+
+
+def load_grid(path: str | Path) -> dict:
+    """A grid file, checked: unknown keys (a `sets:` typo, a misspelled `paper:` metric) are named, never dropped."""
+    path = Path(path)
+    if not path.is_file():
+        raise PixelgenError(f"grid file not found: {path}")
+    try:
+        grid = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        raise PixelgenError(f"grid file {path} is not valid YAML") from None
+    if not isinstance(grid, dict) or not isinstance(grid.get("variants"), dict) or not grid["variants"]:
+        raise PixelgenError(f"{path} must have a 'variants' mapping (name -> overrides)")
+    _unknown(str(path), grid, GRID_KEYS)
+    for name, variant in grid["variants"].items():
+        variant = {} if variant is None else variant
+        where = f"{path}, variant '{name}'"
+        if not isinstance(variant, dict):
+            raise PixelgenError(f"{where}: must be a mapping (description, set, sample, import, paper)")
+        _unknown(where, variant, VARIANT_KEYS)
+        if not isinstance(variant.get("set", []), list) or not all(isinstance(s, str) for s in variant.get("set", [])):
+            raise PixelgenError(f"{where}: 'set' must be a list of key.sub=value strings")
+        for section, known in (("sample", VARIANT_SAMPLE_KEYS), ("paper", PAPER_KEYS)):
+            value = variant.get(section) or {}
+            if not isinstance(value, dict):
+                raise PixelgenError(f"{where}: '{section}' must be a mapping")
+            _unknown(f"{where}, {section}", value, known)
+        grid["variants"][name] = variant
+    return grid

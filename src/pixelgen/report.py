@@ -8,22 +8,11 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
-import yaml
-
-from .errors import PixelgenError
+from .config import load_grid
 
 # (metrics.json key, column label, decimals); a grid's `paper:` numbers use the lower-cased label as key
 COLUMNS = [("fid", "FID", 2), ("sfid", "sFID", 2), ("inception_score", "IS", 1), ("precision", "Prec", 2),
            ("recall", "Rec", 2)]
-
-
-def load_grid(path: Path) -> dict:
-    if not Path(path).is_file():
-        raise PixelgenError(f"grid file not found: {path}")
-    grid = yaml.safe_load(Path(path).read_text())
-    if not isinstance(grid, dict) or not isinstance(grid.get("variants"), dict):
-        raise PixelgenError(f"{path} must have a 'variants' mapping (name -> overrides)")
-    return grid
 
 
 def read_metrics_log(run_dir: Path) -> pd.DataFrame:

@@ -1,6 +1,16 @@
-# Config loading and validation: everything is checked here, before any job runs.
+# Config loading and validation: everything is checked and resolved here, before any job runs.
+#
+# Reruns follow the config: rules read no globals in their shell commands; every value a rule uses is one of its
+# params (or an input file), so Snakemake's params trigger reruns exactly the rules a changed setting reaches.
+# Paths are keyed by what determines their content where a rerun could otherwise reuse stale files:
+#   shards   work/shards/<name>-<resolution>-<format>-<shard_size>/     (pixelgen shard keeps finished shards)
+#   runs     work/runs/<grid>/<variant>/<run key>/   (digest of the resolved model config, less the settings a run
+#            may change and still resume: pixelgen.train.RESUMABLE_CHANGES, tracking.*, sampling.*)
+#   samples  work/samples/<grid>/<variant>/<sample key>/   (digest of the checkpoint's config, sampling settings,
+#            number and shard size of samples: pixelgen sample keeps finished shards)
+import hashlib
+import json
 import os
-import shlex
 import sys
 from pathlib import Path
 
@@ -14,22 +24,46 @@ validate(config, "../schemas/config.schema.yaml")
 
 # Rules call `pixelgen`: make the environment that runs Snakemake (e.g. .venv/bin) first on PATH, so the
 # README's `.venv/bin/snakemake ...` works without activating the venv, locally and inside Slurm jobs.
-os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+# (Setting PATH, not reading a variable the workflow needs: no envvars entry.)
+os.environ.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+# envvars: (Snakefile) passes these to every job, remote ones included; Snakemake refuses to start when one is
+# unset, so an unset one gets the value pixelgen would use anyway (pixelgen.weights / pixelgen.tracking).
+from pixelgen.tracking import DEFAULT_DB  # noqa: E402
+from pixelgen.weights import WEIGHT_FILES, weights_dir  # noqa: E402
+
+os.environ.setdefault("PIXELGEN_WEIGHTS", str(weights_dir()))
+os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{DEFAULT_DB.resolve()}")
 
 
-def _load_variants(path):
+def digest(obj):
+    """A short, stable hash of a JSON-able value (a path key)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _load_grid(path):
+    """The grid file, checked against workflow/schemas/grid.schema.yaml and by pixelgen's own loader."""
+    from pixelgen.config import load_grid
     from pixelgen.errors import PixelgenError
-    from pixelgen.report import load_grid
 
     try:
-        return load_grid(Path(path))["variants"]
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise WorkflowError(f"grid file {path}: {err}")
+    try:
+        validate(raw, "../schemas/grid.schema.yaml")
+    except WorkflowError as err:
+        raise WorkflowError(f"grid file {path} does not match workflow/schemas/grid.schema.yaml: {err}")
+    try:
+        return load_grid(Path(path))
     except PixelgenError as err:
         raise WorkflowError(str(err))
 
 
-VARIANTS = _load_variants(config["variants"])
+GRID_FILE = config["variants"]
+VARIANTS = _load_grid(GRID_FILE)["variants"]
 # Variants with `import: <release>` are official checkpoints converted by `pixelgen import-official`, not trained
-IMPORTED = {name: v["import"] for name, v in VARIANTS.items() if isinstance(v, dict) and v.get("import")}
+IMPORTED = {name: v["import"] for name, v in VARIANTS.items() if v.get("import")}
 TRAINED = [name for name in VARIANTS if name not in IMPORTED]
 
 
@@ -38,34 +72,44 @@ def names_pattern(names):
     import re
 
     return "|".join(re.escape(n) for n in names) or "(?!x)x"
+
+
 GRID = config["grid"]
 WORK = config["work_dir"]
 RESULTS = f"{config['results_dir']}/{GRID}"
 DATASET = config["dataset"]
 RAW = DATASET["raw"]
-SHARDS = f"{WORK}/shards/{DATASET['name']}-{DATASET['resolution']}"
+SHARDS = f"{WORK}/shards/{DATASET['name']}-{DATASET['resolution']}-{DATASET['format']}-{DATASET['shard_size']}"
+LOGS = f"{WORK}/logs/{GRID}"
+BENCH = f"{WORK}/benchmarks/{GRID}"
+RUNS = f"{WORK}/runs/{GRID}"
+SAMPLES = f"{WORK}/samples/{GRID}"
+RES = config["resources"]
+ENV = "../envs/pixelgen.yaml"
 
 
 def weights_file(name):
     """A `pixelgen weights` key (its file in the weights directory) or a path, as given."""
-    from pixelgen.weights import WEIGHT_FILES, weights_dir
-
     return str(weights_dir() / WEIGHT_FILES[name].filename) if name in WEIGHT_FILES else name
 
 
 # Scoring reference: the ADM reference batch (paper configs) or Inception statistics of our own training shards
 REF = weights_file(config["reference"]) if config.get("reference") else \
     f"{WORK}/ref/{DATASET['name']}-{DATASET['resolution']}.npz"
-LOGS = f"{WORK}/logs/{GRID}"
-RUNS = f"{WORK}/runs/{GRID}"
-SAMPLES = f"{WORK}/samples/{GRID}"
-RES = config["resources"]
+
+
+def gpus(n=1):
+    """GPUs for a job that uses one when the workflow runs on GPUs (train_gpus > 0); none on CPU runs."""
+    return n if config.get("train_gpus", 0) > 0 else 0
+
+
+def random_flag():
+    return "--allow-random-weights" if config.get("allow_random_weights") else ""
 
 
 def variant_overrides(name):
     """--set items of a variant: the workflow's overrides, the variant's own, then what the DAG fixes."""
-    variant = VARIANTS[name] or {}
-    items = list(config.get("pixelgen_overrides", [])) + list(variant.get("set", []))
+    items = list(config.get("pixelgen_overrides", [])) + list(VARIANTS[name].get("set", []))
     items += [f"data.shards={SHARDS}", f"tracking.experiment={GRID}", f"tracking.grid={GRID}",
               f"tracking.variant={name}"]
     if config.get("mlflow_uri"):
@@ -73,35 +117,113 @@ def variant_overrides(name):
     return items
 
 
-def _check_variants():
-    """Resolve every variant's pixelgen config now: a typo fails the whole run before any job, naming the key."""
-    from pixelgen.config import load_config
+def _resolve_variants():
+    """Resolve every variant now: a typo fails the whole run before any job, naming the variant and the key.
+    Returns {variant: (checkpoint identity, sampling settings)}, and the run keys of trained variants."""
+    from pixelgen.config import flatten, load_config, section_over
     from pixelgen.errors import PixelgenError
+    from pixelgen.train import RESUMABLE_CHANGES
 
-    for name in TRAINED:
+    resolved, run_keys = {}, {}
+    sampling_items = [s for s in config.get("pixelgen_overrides", []) if s.startswith("sampling.")]
+    for name, variant in VARIANTS.items():
         try:
-            resolved = load_config(config["pixelgen"], variant_overrides(name))
+            if name in IMPORTED:
+                # an imported release samples with the official settings, then the workflow's and the variant's
+                # sampling.* items (nothing else applies: nothing is trained)
+                from pixelgen.official import OFFICIAL_SAMPLING
+
+                base = load_config()
+                base["sampling"].update(OFFICIAL_SAMPLING)
+                sampling = section_over(base, "sampling", None, sampling_items + list(variant.get("set", [])))
+                identity = {"import": IMPORTED[name], "file": weights_file(IMPORTED[name])}
+                run_keys[name] = IMPORTED[name]
+            else:
+                cfg = load_config(config["pixelgen"], variant_overrides(name))
+                if cfg["model"]["image_size"] != DATASET["resolution"]:
+                    raise WorkflowError(f"variant '{name}': model.image_size {cfg['model']['image_size']} "
+                                        f"differs from dataset.resolution {DATASET['resolution']}")
+                flat = flatten(cfg)
+                identity = {k: v for k, v in flat.items() if not k.startswith(("tracking.", "sampling."))}
+                run_keys[name] = digest({k: v for k, v in identity.items() if not k.startswith(RESUMABLE_CHANGES)})
+                sampling = cfg["sampling"]
         except PixelgenError as err:
-            raise WorkflowError(f"variant '{name}' of {config['variants']}: {err}")
-        if resolved["model"]["image_size"] != DATASET["resolution"]:
-            raise WorkflowError(f"variant '{name}': model.image_size {resolved['model']['image_size']} differs "
-                                f"from dataset.resolution {DATASET['resolution']}")
+            raise WorkflowError(f"variant '{name}' of {GRID_FILE}: {err}")
+        resolved[name] = (identity, sampling)
+    return resolved, run_keys
 
 
-_check_variants()
+RESOLVED, RUN_KEYS = _resolve_variants()
 if TRAINED and not DATASET["generate_demo"] and not Path(RAW).exists():
     raise WorkflowError(f"raw dataset not found: {RAW} (run `dvc pull`, or link your ImageFolder there; "
                         f"see README, Data)")
 
+# How many samples (the workflow's sample section, a variant's `sample:` over it); how to sample is the model
+# config's `sampling` section (variant `set: sampling.*`), resolved above and passed to every sample job.
+PARTS = config["sample"]["parts"]
 
-def sets(name):
+
+def sample_count(name, key):
+    return {**config["sample"], **VARIANTS[name].get("sample", {})}[key]
+
+
+def sample_shard_size(name):
+    return max(1, -(-sample_count(name, "num") // (4 * PARTS)))
+
+
+def train_digest(name):
+    """The resolved training config of a variant (less tracking and sampling): a param of train."""
+    return digest(RESOLVED[name][0])
+
+
+def run_dir(name):
+    return f"{RUNS}/{name}/{RUN_KEYS[name]}"
+
+
+def checkpoint(name):
+    """What sampling loads: the EMA-only export next to final.pt (an imported release is EMA-only already)."""
+    return f"{run_dir(name)}/checkpoints/final_ema.pt"
+
+
+def sample_settings(name):
+    """Everything that determines a variant's samples, passed to every sample job (params) and keying its folder."""
+    identity, sampling = RESOLVED[name]
+    return {"checkpoint": digest(identity), "sampling": sampling, "num": sample_count(name, "num"),
+            "batch_size": sample_count(name, "batch_size"), "shard_size": sample_shard_size(name)}
+
+
+def sample_dir(name):
+    settings = sample_settings(name)
+    # the batch size changes nothing in the images: not part of the key
+    return f"{SAMPLES}/{name}/{digest({k: v for k, v in settings.items() if k != 'batch_size'})}"
+
+
+def sample_args(name):
+    """The `pixelgen sample` arguments of a variant: every sampling setting explicit, so the checkpoint's own
+    (possibly older) sampling section is never what decides."""
+    import shlex
+
+    s = sample_settings(name)
+    sets = " ".join(f"--set {shlex.quote(f'sampling.{k}={json.dumps(v)}')}" for k, v in s["sampling"].items())
+    return f"--num {s['num']} --batch-size {s['batch_size']} --shard-size {s['shard_size']} {sets}"
+
+
+def train_sets(name):
+    import shlex
+
     return " ".join(f"--set {shlex.quote(s)}" for s in variant_overrides(name))
 
 
-def sample_setting(name, key):
-    variant = VARIANTS[name] or {}
-    return {**config["sample"], **variant.get("sample", {})}[key]
+def part_arg(wc):
+    """scatteritem 'i-of-n' -> pixelgen's --part (i-1)/n."""
+    i, n = wc.scatteritem.split("-of-")
+    return f"{int(i) - 1}/{n}"
 
 
-def random_flag():
-    return "--allow-random-weights" if config.get("allow_random_weights") else ""
+REPORT_RUNS = f"{WORK}/report-runs/{GRID}"
+
+
+def report_links():
+    """`pixelgen report --runs` reads <runs>/<variant>/: a folder of links to each variant's current run dir."""
+    links = " && ".join(f"ln -s {os.path.relpath(run_dir(v), REPORT_RUNS)} {REPORT_RUNS}/{v}" for v in VARIANTS)
+    return f"rm -rf {REPORT_RUNS} && mkdir -p {REPORT_RUNS} && {links}"

@@ -1,15 +1,24 @@
 rule report:
     input:
-        expand(f"{RESULTS}/metrics/{{variant}}.json", variant=list(VARIANTS)),
+        grid=GRID_FILE,
+        metrics=expand(f"{RESULTS}/metrics/{{variant}}.json", variant=list(VARIANTS)),
     output:
         table=report(f"{RESULTS}/table.md", category="Results", caption="../report/table.rst"),
         csv=f"{RESULTS}/table.csv",
-        losses=report(f"{RESULTS}/loss_curves.png", category="Training"),
-        fid_recall=report(f"{RESULTS}/fid_recall.png", category="Results"),
-        samples=report(directory(f"{RESULTS}/samples"), patterns=["{name}.png"], category="Samples"),
+        losses=report(f"{RESULTS}/loss_curves.png", category="Training", caption="../report/loss_curves.rst"),
+        fid_recall=report(f"{RESULTS}/fid_recall.png", category="Results", caption="../report/fid_recall.rst"),
+        samples=report(directory(f"{RESULTS}/samples"), patterns=["{name}.png"], category="Samples",
+                       caption="../report/samples.rst"),
+    params:
+        links=report_links(),
+        view=REPORT_RUNS,
+        metrics=lambda wc, input: os.path.dirname(input.metrics[0]),
+        out=lambda wc, output: os.path.dirname(output.table),
     log:
         f"{LOGS}/report.log",
     localrule: True
+    conda:
+        ENV
     shell:
-        "pixelgen report --grid {config[variants]} --metrics {RESULTS}/metrics --runs {RUNS} --out {RESULTS} "
-        "> {log} 2>&1"
+        "{params.links} && pixelgen report --grid {input.grid} --metrics {params.metrics} --runs {params.view} "
+        "--out {params.out} > {log} 2>&1"

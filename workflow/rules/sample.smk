@@ -1,49 +1,52 @@
-# Sampling is scattered over config.sample.parts jobs per variant (each takes every parts-th shard of images)
-# and gathered by one more call of the same command, which writes samples.json once every shard exists.
-PARTS = list(range(config["sample"]["parts"]))
-
-
-def sample_args(wc):
-    v = wc.variant
-    return (f"--num {sample_setting(v, 'num')} --sampler {sample_setting(v, 'sampler')} "
-            f"--steps {sample_setting(v, 'steps')} --cfg {sample_setting(v, 'cfg')} "
-            f"--batch-size {sample_setting(v, 'batch_size')} "
-            f"--shard-size {max(1, -(-sample_setting(v, 'num') // (4 * len(PARTS))))}")
+# Sampling is scattered over `sample.parts` jobs per variant (scattergather `sample_parts`; each part takes every
+# parts-th shard of images) and gathered by one more call of the same command, which writes samples.json once
+# every shard exists. The sample folder (a param) is keyed by everything that determines the images
+# (common.smk), so any change makes a new folder and reruns the parts. On Slurm, the parts of a group are
+# bundled into fewer jobs with --group-components (see workflow/profiles/slurm-site.example).
 
 
 rule sample_part:
     input:
-        f"{RUNS}/{{variant}}/checkpoints/final.pt",
+        lambda wc: checkpoint(wc.variant),
     output:
-        touch(f"{SAMPLES}/{{variant}}/parts/{{part}}.done"),
+        touch(f"{SAMPLES}/{{variant}}/{{skey}}/parts/{{scatteritem}}.done"),
     params:
-        args=sample_args,
-        n=len(PARTS),
+        out=lambda wc: sample_dir(wc.variant),
+        args=lambda wc: sample_args(wc.variant),
+        part=part_arg,
     log:
-        f"{LOGS}/sample/{{variant}}-{{part}}.log",
+        f"{LOGS}/sample/{{variant}}-{{skey}}-{{scatteritem}}.log",
+    benchmark:
+        f"{BENCH}/sample/{{variant}}-{{skey}}-{{scatteritem}}.tsv"
+    group:
+        "sample"
     threads: RES["sample"]["cpus"]
     resources:
         mem_mb=RES["sample"]["mem_mb"],
         runtime=RES["sample"]["runtime"],
-        gpu=1 if config.get("train_gpus", 0) > 0 else 0,
+        gpu=gpus(),
+    conda:
+        ENV
     shell:
-        "pixelgen sample --ckpt {input} --out {SAMPLES}/{wildcards.variant} {params.args} "
-        "--part {wildcards.part}/{params.n} --quiet > {log} 2>&1"
+        "pixelgen sample --ckpt {input} --out {params.out} {params.args} --part {params.part} --quiet > {log} 2>&1"
 
 
 rule sample_gather:
     input:
-        ckpt=f"{RUNS}/{{variant}}/checkpoints/final.pt",
-        parts=expand(f"{SAMPLES}/{{{{variant}}}}/parts/{{part}}.done", part=PARTS),
+        ckpt=lambda wc: checkpoint(wc.variant),
+        parts=gather.sample_parts(f"{SAMPLES}/{{{{variant}}}}/{{{{skey}}}}/parts/{{scatteritem}}.done"),
     output:
-        f"{SAMPLES}/{{variant}}/samples.json",
+        f"{SAMPLES}/{{variant}}/{{skey}}/samples.json",
     params:
-        args=sample_args,
+        out=lambda wc: sample_dir(wc.variant),
+        args=lambda wc: sample_args(wc.variant),
     log:
-        f"{LOGS}/sample/{{variant}}-gather.log",
+        f"{LOGS}/sample/{{variant}}-{{skey}}-gather.log",
     threads: 1
     resources:
         mem_mb=RES["other"]["mem_mb"],
         runtime=RES["other"]["runtime"],
+    conda:
+        ENV
     shell:
-        "pixelgen sample --ckpt {input.ckpt} --out {SAMPLES}/{wildcards.variant} {params.args} --quiet > {log} 2>&1"
+        "pixelgen sample --ckpt {input.ckpt} --out {params.out} {params.args} --quiet > {log} 2>&1"

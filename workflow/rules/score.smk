@@ -1,18 +1,22 @@
 rule score:
     input:
-        samples=f"{SAMPLES}/{{variant}}/samples.json",
+        samples=lambda wc: f"{sample_dir(wc.variant)}/samples.json",
         ref=REF,
     output:
         f"{RESULTS}/metrics/{{variant}}.json",
     params:
+        samples=lambda wc: sample_dir(wc.variant),
         random=random_flag(),
     log:
         f"{LOGS}/score/{{variant}}.log",
+    benchmark:
+        f"{BENCH}/score/{{variant}}.tsv"
     threads: RES["other"]["cpus"]
     resources:
         mem_mb=RES["other"]["mem_mb"],
         runtime=RES["other"]["runtime"],
-        gpu=1 if config.get("train_gpus", 0) > 0 else 0,
+        gpu=gpus(),
+    conda:
+        ENV
     shell:
-        "pixelgen score {SAMPLES}/{wildcards.variant} --ref {input.ref} --out {output} {params.random} --quiet "
-        "> {log} 2>&1"
+        "pixelgen score {params.samples} --ref {input.ref} --out {output} {params.random} --quiet > {log} 2>&1"
