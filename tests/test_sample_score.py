@@ -142,7 +142,7 @@ def test_the_reference_images_score_fid_zero_against_their_own_stats(trained, tm
 
 
 def test_spatial_features_are_the_first_channels_of_mixed_6d_in_tf_order():
-    from pixelgen.score import build_inception, spatial_features
+    from pixelgen.inception import build_inception, spatial_features
 
     net, _ = build_inception("/nonexistent", True, torch.device("cpu"))
     blocks = []
@@ -218,3 +218,36 @@ def test_sample_takes_sampling_overrides_over_the_checkpoint_config(trained, tmp
     result = pixelgen("sample", "--ckpt", str(ckpt), "--num", "4", "--out", str(tmp_path / "v"), "--quiet",
                       "--config", str(config))
     assert result.returncode == 2 and "loss.gatee" in result.stderr
+
+
+STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
+
+
+def test_logs_without_a_terminal_are_timestamped_lines(trained, tmp_path):
+    """Run as Slurm does (stderr a file, not a TTY) without --quiet: readable lines instead of tqdm bars."""
+    import re
+
+    _, ckpt, shards, _ = trained
+    result = pixelgen("sample", "--ckpt", str(ckpt), "--num", "20", "--out", str(tmp_path / "s"), "--steps", "2",
+                      "--shard-size", "8")
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert "\r" not in result.stderr and len(lines) == 3, result.stderr  # one line per shard, no bar
+    for k, (line, images) in enumerate(zip(lines, (8, 16, 20)), 1):
+        assert re.fullmatch(rf"{STAMP} sample shard {k}/3 done, {images}/20 images, [\d.]+ img/s, "
+                            rf"eta \d+:\d\d:\d\d", line), line
+
+    ref = tmp_path / "ref.npz"
+    result = pixelgen("ref-stats", str(shards), "--out", str(ref), "--allow-random-weights", "--batch-size", "10",
+                      "--max", "40")
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert "\r" not in result.stderr and len(lines) == 4, result.stderr  # every 10% of 40, in batches of 10
+    assert re.fullmatch(rf"{STAMP} ref-stats 40/40 images \(100%\), [\d.]+ img/s, eta 0:00:00", lines[-1])
+
+    result = pixelgen("score", str(tmp_path / "s"), "--ref", str(ref), "--out", str(tmp_path / "m.json"),
+                      "--allow-random-weights", "--batch-size", "5")
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if re.match(STAMP, line)]
+    assert "\r" not in result.stderr and len(lines) == 4, result.stderr
+    assert re.fullmatch(rf"{STAMP} score 5/20 images \(25%\), [\d.]+ img/s, eta \d+:\d\d:\d\d", lines[0])

@@ -13,6 +13,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from .files import write_atomic
+from .progress import progress as progress_bar
+
 # (class name, shape, RGB colour): shapes and colours both differ, so both must be learned
 CLASSES = [
     ("red_disc", "disc", (220, 40, 40)),
@@ -98,15 +101,13 @@ def draw_example(shape: str, colour: tuple[int, int, int], size: int, rng: np.ra
 def write_demo_dataset(out: Path, resolution: int = 32, per_class: int = 300, num_classes: int = 10,
                        seed: int = 0, progress: bool = True) -> dict[str, int]:
     """Write OUT/<class>/<class>_<index>.png; returns the count per class. Existing identical files are kept."""
-    from tqdm import tqdm
-
     if not 1 <= num_classes <= len(CLASSES):
         from .errors import PixelgenError
 
         raise PixelgenError(f"--classes must be between 1 and {len(CLASSES)}, got {num_classes}", exit_code=2)
     counts = {}
     total = per_class * num_classes
-    with tqdm(total=total, desc="demo-data", unit="img", disable=not progress) as bar:
+    with progress_bar(total, "demo-data", enabled=progress) as bar:
         for class_index, (name, shape, colour) in enumerate(CLASSES[:num_classes]):
             folder = out / name
             folder.mkdir(parents=True, exist_ok=True)
@@ -115,9 +116,8 @@ def write_demo_dataset(out: Path, resolution: int = 32, per_class: int = 300, nu
                 rng = np.random.RandomState([seed, class_index, i])
                 path = folder / f"{name}_{i:05d}.png"
                 if not path.exists():
-                    tmp = path.with_suffix(".png.part")
-                    draw_example(shape, colour, resolution, rng).save(tmp, format="PNG")
-                    tmp.replace(path)
+                    image = draw_example(shape, colour, resolution, rng)
+                    write_atomic(path, lambda f: image.save(f, format="PNG"))
                 bar.update(1)
             counts[name] = per_class
     return counts

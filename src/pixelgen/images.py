@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .files import write_atomic
+
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 as the official code converts: floor(127.5 (x + 1) + 0.5)
@@ -38,8 +40,4 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> Path
     for i, a in enumerate(arrays):
         r, c = divmod(i, nrow)
         canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = a
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(canvas).save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    return write_atomic(path, lambda f: Image.fromarray(canvas).save(f, format="PNG"))

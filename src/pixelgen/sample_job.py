@@ -5,28 +5,24 @@ is the same whatever the batch size, the number of GPUs, or how the work is spli
 Work is done in shards of --shard-size images (samples-000000.tar, ...), each written atomically: a rerun
 after a kill writes only the missing shards. When every shard exists, the job writes samples.json (and
 samples.npz in the ADM evaluator's format with --npz); running the command again once all parts are done is
-the "gather" step of a scattered sampling job.
+the "gather" step of a scattered sampling job. The folder's layout, writers and readers: sample_folder.py.
+Temp files of killed runs are not swept here: parts on other hosts may be writing into the same folder.
 """
 
 from __future__ import annotations
 
-import io
-import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, sample_folder
 from .config import section_over
 from .errors import PixelgenError
-from .images import png_bytes, to_uint8
+from .images import to_uint8
 from .model import build_model
+from .progress import progress as progress_bar
 from .sampling import evaluations, sample
-
-SHARD = "samples-{:06d}.tar"
-
 
 def image_noise(index: int, seed: int, shape: tuple[int, ...]) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed * 1_000_003 + index)  # depends on (seed, index) only
@@ -54,36 +50,38 @@ def load_ema_model(ckpt_path: Path):
     return model.eval().requires_grad_(False), state
 
 
-def write_sample_shard(path: Path, indices: list[int], images: np.ndarray, labels: list[int]) -> None:
-    import webdataset as wds
+def sampling_settings(state: dict, sc: dict, *, sampler, steps, cfg, interval, shift, seed, num,
+                      shard_size) -> dict:
+    """The checkpoint's (or config's) `sampling` section `sc` under the explicit arguments."""
+    return {"sampler": sampler or sc["sampler"], "steps": steps or sc["steps"],
+            "cfg": sc["cfg"] if cfg is None else cfg, "interval": list(interval or sc["interval"]),
+            "shift": sc["shift"] if shift is None else shift, "seed": seed, "num": num,
+            "shard_size": shard_size, "t_eps": state["config"]["flow"]["t_eps"],
+            # the training noise scale is the sampling noise scale (official: both 1.0)
+            "noise_scale": state["config"]["flow"]["noise_scale"],
+            "corrector_interval_at": sc.get("corrector_interval_at", "t_cur")}
 
-    part = path.with_name(path.name + ".part")
-    with open(part, "wb") as stream:
-        writer = wds.TarWriter(stream, mtime=0)
-        for i, image, label in zip(indices, images, labels):
-            writer.write({"__key__": f"{i:07d}", "png": png_bytes(image), "cls": str(label).encode()})
-        writer.close()
-    os.replace(part, path)
+
+def shard_indices(k: int, shard_size: int, num: int) -> list[int]:
+    return list(range(k * shard_size, min((k + 1) * shard_size, num)))
 
 
-def read_sample_images(out: Path) -> tuple[np.ndarray, np.ndarray]:
-    """All samples in index order as (N, H, W, 3) uint8 and (N,) labels."""
-    import tarfile
-
-    from PIL import Image
-
-    images, labels = {}, {}
-    for tar_path in sorted(out.glob("samples-*.tar")):
-        with tarfile.open(tar_path) as tar:
-            for member in tar.getmembers():
-                key, ext = member.name.split(".", 1)
-                data = tar.extractfile(member).read()
-                if ext == "png":
-                    images[int(key)] = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-                elif ext == "cls":
-                    labels[int(key)] = int(data)
-    order = sorted(images)
-    return np.stack([images[i] for i in order]), np.array([labels[i] for i in order])
+def sample_images(model, indices: list[int], settings: dict, batch_size: int, device, bar) -> tuple[np.ndarray, list]:
+    """(N, H, W, 3) uint8 images and labels of the given sample indices."""
+    size = model.cfg.image_size
+    arrays, labels = [], []
+    for b in range(0, len(indices), batch_size):
+        batch = indices[b:b + batch_size]
+        noise = torch.stack([image_noise(i, settings["seed"], (3, size, size)) for i in batch]).to(device)
+        y = labels_for(batch, model.cfg.num_classes).to(device)
+        images = sample(model, noise * settings["noise_scale"], y, sampler=settings["sampler"],
+                        steps=settings["steps"], cfg=settings["cfg"], interval=tuple(settings["interval"]),
+                        shift=settings["shift"], t_eps=settings["t_eps"], null_class=model.null_class,
+                        corrector_interval_at=settings["corrector_interval_at"])
+        arrays.append(to_uint8(images))
+        labels += y.tolist()
+        bar.update(len(batch))
+    return np.concatenate(arrays), labels
 
 
 def run_sampling(ckpt: Path, num: int, out: Path, *, sampler: str | None = None, steps: int | None = None,
@@ -94,8 +92,6 @@ def run_sampling(ckpt: Path, num: int, out: Path, *, sampler: str | None = None,
     """Sample this job's missing shards; write the manifest (and npz) once every shard exists.
     Settings: the checkpoint's `sampling` section, then `config_file`'s and `overrides` (sampling.* only), then
     the explicit arguments."""
-    from tqdm import tqdm
-
     if num < 1 or batch_size < 1 or shard_size < 1:
         raise PixelgenError("--num, --batch-size and --shard-size must be >= 1", exit_code=2)
     d = distributed.init(device)
@@ -103,67 +99,41 @@ def run_sampling(ckpt: Path, num: int, out: Path, *, sampler: str | None = None,
         model, state = load_ema_model(Path(ckpt))
         model = model.to(d.device)
         sc = section_over(state["config"], "sampling", config_file, overrides)
-        settings = {"sampler": sampler or sc["sampler"], "steps": steps or sc["steps"],
-                    "cfg": sc["cfg"] if cfg is None else cfg, "interval": list(interval or sc["interval"]),
-                    "shift": sc["shift"] if shift is None else shift, "seed": seed, "num": num,
-                    "shard_size": shard_size, "t_eps": state["config"]["flow"]["t_eps"],
-                    # the training noise scale is the sampling noise scale (official: both 1.0)
-                    "noise_scale": state["config"]["flow"]["noise_scale"],
-                    "corrector_interval_at": sc.get("corrector_interval_at", "t_cur")}
+        settings = sampling_settings(state, sc, sampler=sampler, steps=steps, cfg=cfg, interval=interval,
+                                     shift=shift, seed=seed, num=num, shard_size=shard_size)
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        settings_file = out / "settings.json"
         identity = {**settings, "ckpt_step": state["step"]}
-        if settings_file.exists() and json.loads(settings_file.read_text()) != identity:
-            raise PixelgenError(f"{out} holds samples made with other settings or another checkpoint; "
-                                f"use a new --out or delete {out}")
-        if d.is_main and not settings_file.exists():
-            tmp = settings_file.with_suffix(".json.part")
-            tmp.write_text(json.dumps(identity, indent=1, sort_keys=True))
-            tmp.replace(settings_file)
+        sample_folder.check_settings(out, identity, write=d.is_main)
 
         part_index, parts = parse_part(part)
         n_shards = (num + shard_size - 1) // shard_size
         mine = [k for k in range(n_shards) if k % parts == part_index][d.rank::d.world_size]
-        todo = [k for k in mine if not (out / SHARD.format(k)).exists()]
-        size = model.cfg.image_size
-        total_images = sum(min(shard_size, num - k * shard_size) for k in todo)
-        with tqdm(total=total_images, desc=f"sample rank {d.rank}", unit="img",
-                  disable=not (progress and d.is_main)) as bar:
-            for k in todo:
-                indices = list(range(k * shard_size, min((k + 1) * shard_size, num)))
-                arrays, labels = [], []
-                for b in range(0, len(indices), batch_size):
-                    batch = indices[b:b + batch_size]
-                    noise = torch.stack([image_noise(i, seed, (3, size, size)) for i in batch]).to(d.device)
-                    noise = noise * settings["noise_scale"]
-                    y = labels_for(batch, model.cfg.num_classes).to(d.device)
-                    images = sample(model, noise, y, sampler=settings["sampler"], steps=settings["steps"],
-                                    cfg=settings["cfg"], interval=tuple(settings["interval"]),
-                                    shift=settings["shift"], t_eps=settings["t_eps"], null_class=model.null_class,
-                                    corrector_interval_at=settings["corrector_interval_at"])
-                    arrays.append(to_uint8(images))
-                    labels += y.tolist()
-                    bar.update(len(batch))
-                write_sample_shard(out / SHARD.format(k), indices, np.concatenate(arrays), labels)
+        done = [k for k in mine if sample_folder.shard_path(out, k).exists()]
+        sizes = {k: len(shard_indices(k, shard_size, num)) for k in mine}
+        with progress_bar(sum(sizes.values()), "sample", initial=sum(sizes[k] for k in done), every=0,
+                          enabled=progress and d.is_main) as bar:
+            for k in mine:
+                if k in done:
+                    continue
+                indices = shard_indices(k, shard_size, num)
+                images, labels = sample_images(model, indices, settings, batch_size, d.device, bar)
+                sample_folder.write_shard(sample_folder.shard_path(out, k), indices, images, labels)
+                done.append(k)
+                bar.log(f"shard {len(done)}/{len(mine)} done")
         distributed.barrier(d)
-        if not d.is_main or not all((out / SHARD.format(k)).exists() for k in range(n_shards)):
+        if not d.is_main or not all(sample_folder.shard_path(out, k).exists() for k in range(n_shards)):
             return None
         manifest = {**identity, "ckpt": str(ckpt), "num_classes": model.cfg.num_classes,
-                    "image_size": size, "nfe_per_image": evaluations(settings["sampler"], settings["steps"]),
-                    "shards": [SHARD.format(k) for k in range(n_shards)],
-                    "encoders_real": bool(state.get("encoders_real", False)), "run_dir": str(Path(ckpt).resolve().parent.parent),
+                    "image_size": model.cfg.image_size,
+                    "nfe_per_image": evaluations(settings["sampler"], settings["steps"]),
+                    "shards": [sample_folder.SHARD.format(k) for k in range(n_shards)],
+                    "encoders_real": bool(state.get("encoders_real", False)),
+                    "run_dir": str(Path(ckpt).resolve().parent.parent),
                     "tracking_uri": state["config"]["tracking"]["uri"]}
         if npz:
-            images, labels = read_sample_images(out)
-            tmp = out / "samples.npz.part"
-            with open(tmp, "wb") as f:
-                np.savez(f, arr_0=images, arr_1=labels)
-            tmp.replace(out / "samples.npz")
-            manifest["npz"] = "samples.npz"
-        tmp = out / "samples.json.part"
-        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        tmp.replace(out / "samples.json")
+            manifest["npz"] = sample_folder.write_npz(out)
+        sample_folder.write_manifest(out, manifest)
         return manifest
     finally:
         distributed.shutdown()

@@ -27,7 +27,8 @@ import numpy as np
 from PIL import Image
 
 from .errors import PixelgenError
-from .files import sha256
+from .files import atomic_open, remove_stale_temps, sha256, write_atomic
+from .progress import progress as progress_bar
 
 SHARD_PATTERN = "shard-{:06d}"
 
@@ -106,10 +107,9 @@ def write_shard(job: tuple) -> dict:
 
     shard_index, entries, src, out, settings, classes, strict = job
     name = SHARD_PATTERN.format(shard_index)
-    tar_path, part = out / f"{name}.tar", out / f"{name}.tar.part"
+    tar_path = out / f"{name}.tar"
     rejected, per_class, count = [], {}, 0
-    fatal = None
-    with open(part, "wb") as stream:
+    with atomic_open(tar_path) as stream:  # an error (a --strict reject included) leaves no tar behind
         # fixed mtime/user: the tar bytes depend only on the images, so reruns are byte-identical.
         # mtime must be the int 0: a float makes tarfile add a PAX header to every member, which doubled the
         # reader's parse time (measured).
@@ -121,8 +121,8 @@ def write_shard(job: tuple) -> dict:
                 except Exception as err:  # every decode failure is a reject with its reason, never a crash
                     reason = f"{type(err).__name__}: {err}".splitlines()[0][:200]
                     if strict:
-                        fatal = f"cannot read image {src / rel} ({reason}); fix or remove it, or run without --strict"
-                        break
+                        raise PixelgenError(f"cannot read image {src / rel} ({reason}); fix or remove it, "
+                                            f"or run without --strict") from None
                     rejected.append({"path": rel, "reason": reason})
                     continue
                 # few members per sample: every tar member costs the reader ~50 us
@@ -133,20 +133,15 @@ def write_shard(job: tuple) -> dict:
                 count += 1
         finally:
             writer.close()
-    if fatal:
-        part.unlink(missing_ok=True)
-        raise PixelgenError(fatal)
-    os.replace(part, tar_path)
     record = {"name": tar_path.name, "samples": count, "sha256": sha256(tar_path), "per_class": per_class,
               "rejected": rejected}
-    _write_json_atomic(out / f"{name}.json", record)
+    _write_json(out / f"{name}.json", record)
     return record
 
 
-def _write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_suffix(path.suffix + ".part")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+def _write_json(path: Path, data) -> None:
+    # the trailing newline keeps records and manifests byte-identical to those made before (DVC hashes them)
+    write_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def _shard_done(out: Path, index: int) -> bool:
@@ -164,8 +159,6 @@ def _shard_done(out: Path, index: int) -> bool:
 def build_shards(src: Path, out: Path, settings: ShardSettings, workers: int = 1, strict: bool = False,
                  progress: bool = True) -> dict:
     """Shard SRC into OUT (resuming any earlier run with the same settings) and return the manifest."""
-    from tqdm import tqdm
-
     if settings.image_format not in ("png", "jpeg", "npy"):
         raise PixelgenError(f"--format must be png, jpeg or npy, got {settings.image_format!r}", exit_code=2)
     if settings.resolution < 8 or settings.shard_size < 1:
@@ -177,6 +170,7 @@ def build_shards(src: Path, out: Path, settings: ShardSettings, workers: int = 1
     wanted = {**settings.__dict__, "source_listing_sha256": listing, "num_files": len(items)}
 
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)  # half-written tars of a killed run (one job owns OUT, unlike a sample folder)
     settings_path = out / "settings.json"
     if settings_path.exists():
         existing = json.loads(settings_path.read_text())
@@ -185,13 +179,14 @@ def build_shards(src: Path, out: Path, settings: ShardSettings, workers: int = 1
             raise PixelgenError(f"{out} holds shards made with other settings or sources ({', '.join(changed)}); "
                                 f"use a new output folder or delete {out}")
     else:
-        _write_json_atomic(settings_path, wanted)
+        _write_json(settings_path, wanted)
 
     shards = [order[i:i + settings.shard_size] for i in range(0, len(order), settings.shard_size)]
     jobs = [(k, [(g, items[g]) for g in members], src, out, settings, classes, strict)
             for k, members in enumerate(shards) if not _shard_done(out, k)]
     done = len(shards) - len(jobs)
-    with tqdm(total=len(shards), initial=done, desc=f"shard {src.name}", unit="shard", disable=not progress) as bar:
+    with progress_bar(len(shards), f"shard {src.name}", unit="shard", noun="shards", initial=done,
+                      enabled=progress) as bar:
         if workers <= 1 or len(jobs) <= 1:
             for job in jobs:
                 write_shard(job)
@@ -222,7 +217,7 @@ def build_shards(src: Path, out: Path, settings: ShardSettings, workers: int = 1
         "shards": [{"name": r["name"], "samples": r["samples"], "sha256": r["sha256"]} for r in records],
         "rejected": sorted((rej for r in records for rej in r["rejected"]), key=lambda r: r["path"]),
     }
-    _write_json_atomic(out / "manifest.json", manifest)
+    _write_json(out / "manifest.json", manifest)
     return manifest
 
 

@@ -179,3 +179,26 @@ def start_parent_run(experiment: str, name: str, uri: str | None, out: Path) -> 
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(run.info.run_id)
     return run.info.run_id
+
+
+def log_eval_metrics(result: dict, metrics_file: Path, manifest: dict, run_id: str | None = None,
+                     uri: str | None = None) -> str | None:
+    """Attach `pixelgen score`'s metrics (eval/fid, ...), its weights label and metrics.json to the training run:
+    `run_id`, or the one recorded in the run dir named by the sample manifest. Returns the run id, None if none."""
+    if run_id is None and manifest.get("run_dir"):
+        id_file = Path(manifest["run_dir"]) / "mlflow_run_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else None
+    if run_id is None:
+        return None
+    from mlflow import MlflowClient  # imported only when there is a run: it takes seconds
+    from mlflow.entities import Metric
+
+    client = MlflowClient(tracking_uri=tracking_uri(uri or manifest.get("tracking_uri")))
+    step = int(result["sampling"].get("ckpt_step", 0))
+    now = int(time.time() * 1000)
+    keys = ("fid", "sfid", "inception_score", "kid", "precision", "recall")
+    with_retries(client.log_batch, run_id, metrics=[Metric(f"eval/{k}", float(result[k]), now, step)
+                                                    for k in keys if result.get(k) is not None])
+    with_retries(client.set_tag, run_id, "eval_weights", result["weights"])
+    with_retries(client.log_artifact, run_id, str(metrics_file), "eval")
+    return run_id

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PixelgenError
-from .files import sha256
+from .files import atomic_open, sha256, write_atomic
 
 FETCH_HINT = "run `pixelgen weights fetch` on a machine with a network, or copy the file there by hand"
 
@@ -154,32 +154,37 @@ def all_published(keys, directory: Path) -> bool:
 def fetch(key: str, directory: Path, progress: bool = True) -> Path:
     """Download one weight file to `directory` atomically and check its digest."""
     wf = WEIGHT_FILES[key]
-    directory.mkdir(parents=True, exist_ok=True)
     target = directory / wf.filename
-    tmp = target.with_suffix(target.suffix + ".part")
     try:
-        with urllib.request.urlopen(wf.url, timeout=60) as response, open(tmp, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0)
-            from tqdm import tqdm
-
-            with tqdm(total=total, unit="B", unit_scale=True, desc=wf.filename, disable=not progress) as bar:
-                for block in iter(lambda: response.read(1 << 20), b""):
-                    out.write(block)
-                    bar.update(len(block))
+        # the digest is taken while streaming; a wrong one raises inside atomic_open, so no file appears
+        with urllib.request.urlopen(wf.url, timeout=60) as response, atomic_open(target) as out:
+            digest = _download(response, out, wf.filename, progress)
+            if wf.sha256_prefix and not digest.startswith(wf.sha256_prefix):
+                raise PixelgenError(f"downloaded {wf.filename} has sha256 {digest[:12]}..., expected "
+                                    f"{wf.sha256_prefix}...; retry `pixelgen weights fetch`")
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise PixelgenError(f"cannot download {wf.url} ({err.__class__.__name__}: {err}); "
                             f"without a network, copy {wf.filename} into {directory} by hand") from None
-    digest = sha256(tmp)
-    if wf.sha256_prefix and not digest.startswith(wf.sha256_prefix):
-        tmp.unlink(missing_ok=True)
-        raise PixelgenError(f"downloaded {wf.filename} has sha256 {digest[:12]}..., expected {wf.sha256_prefix}...; "
-                            f"retry `pixelgen weights fetch`")
-    os.replace(tmp, target)
     sums = _recorded_sums(directory)
     sums[wf.filename] = digest
-    (directory / SUMS_FILE).write_text("".join(f"{d}  {n}\n" for n, d in sorted(sums.items())))
+    write_atomic(directory / SUMS_FILE, "".join(f"{d}  {n}\n" for n, d in sorted(sums.items())))
     return target
+
+
+def _download(response, out, name: str, progress: bool) -> str:
+    """Copy the response into `out` in 1 MiB blocks; returns the hex sha256 of what was written."""
+    import hashlib
+
+    from tqdm import tqdm
+
+    digest = hashlib.sha256()
+    total = int(response.headers.get("Content-Length") or 0)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=name, disable=not progress) as bar:
+        for block in iter(lambda: response.read(1 << 20), b""):
+            out.write(block)
+            digest.update(block)
+            bar.update(len(block))
+    return digest.hexdigest()
 
 
 def init_random(directory: Path, keys=None, seed: int = 0) -> list[Path]:
@@ -193,26 +198,30 @@ def init_random(directory: Path, keys=None, seed: int = 0) -> list[Path]:
     for key in keys or DEFAULT_KEYS:
         target = directory / WEIGHT_FILES[key].filename
         if key == "vgg16":
-            torch.save(torchvision.models.vgg16(weights=None).state_dict(), target)
+            state = torchvision.models.vgg16(weights=None).state_dict()
+            write_atomic(target, lambda f: torch.save(state, f))
         elif key == "dinov2-b":
             import timm
-            from safetensors.torch import save_file
+            from safetensors.torch import save
 
             net = timm.create_model("vit_base_patch14_dinov2", pretrained=False, num_classes=0)
-            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(target))
+            write_atomic(target, save({k: v.contiguous() for k, v in net.state_dict().items()}))
         elif key == "inception":
-            torch.save(_random_inception_state(), target)
+            state = _random_inception_state()
+            write_atomic(target, lambda f: torch.save(state, f))
         elif key.startswith("pixelgen-"):  # a random XL/16 in the release's layout (2.7 GB)
             from .model import JiT, SIZES
             from .official import release_format
 
-            torch.save(release_format(JiT(SIZES["XL/16"])), target)
+            state = release_format(JiT(SIZES["XL/16"]))
+            write_atomic(target, lambda f: torch.save(state, f))
         elif key == "adm-ref-imagenet256":  # 1,000 random images and statistics of the batch's shapes
             import numpy as np
 
             rng = np.random.default_rng(seed)
-            np.savez(target, arr_0=rng.integers(0, 256, (1000, 256, 256, 3), dtype=np.uint8),
-                     mu=rng.normal(size=2048), sigma=np.eye(2048), mu_s=rng.normal(size=2023), sigma_s=np.eye(2023))
+            arrays = dict(arr_0=rng.integers(0, 256, (1000, 256, 256, 3), dtype=np.uint8), mu=rng.normal(size=2048),
+                          sigma=np.eye(2048), mu_s=rng.normal(size=2023), sigma_s=np.eye(2023))
+            write_atomic(target, lambda f: np.savez(f, **arrays))
         written.append(target)
     return written
 
