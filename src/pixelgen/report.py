@@ -118,4 +118,40 @@ def build_report(grid_file: Path, metrics_dir: Path, runs_dir: Path, out: Path, 
         grid_png = Path(runs_dir) / name / "samples" / "final.png"
         if grid_png.exists():
             shutil.copyfile(grid_png, out / "samples" / f"{name}.png")
+    write_dvc_files(grid, table, runs_dir, out)
     return {"rows": len(table), "out": str(out)}
+
+
+def write_dvc_files(grid: dict, table: pd.DataFrame, runs_dir: Path, out: Path) -> dict[str, Path]:
+    """What `dvc metrics show` and `dvc plots show` read (dvc.yaml declares them):
+
+    - summary.json: {variant: {fid, sfid, is, precision, recall, samples}} (numbers only, null when missing)
+    - plots/loss_<variant>.csv: step and every loss term of the run's metrics.jsonl (the loss curves)
+    - plots/fid_recall.csv: variant, fid, recall, precision (the FID vs recall scatter)
+    """
+    out = Path(out)
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+
+    def number(v):
+        return None if v is None or pd.isna(v) else float(v)
+
+    summary = {}
+    for _, r in table.iterrows():
+        row = {key if key != "inception_score" else "is": number(r[label]) for key, label, _ in COLUMNS}
+        row["samples"] = None if pd.isna(r["samples"]) else int(r["samples"])
+        summary[r["variant"]] = row
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+
+    scatter = pd.DataFrame([{"variant": name, "fid": m["fid"], "recall": m["recall"], "precision": m["precision"]}
+                            for name, m in summary.items() if m["fid"] is not None])
+    scatter.to_csv(plots / "fid_recall.csv", index=False)
+    written = {"summary": out / "summary.json", "fid_recall": plots / "fid_recall.csv"}
+    for name in grid["variants"]:
+        frame = read_metrics_log(Path(runs_dir) / name)
+        columns = ["step"] + [c for c in frame.columns if c.startswith("loss/")]
+        frame = frame[columns] if not frame.empty else pd.DataFrame(columns=["step"])
+        frame = frame.rename(columns=lambda c: c.split("/", 1)[-1])
+        frame.to_csv(plots / f"loss_{name}.csv", index=False)
+        written[name] = plots / f"loss_{name}.csv"
+    return written

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -76,6 +77,7 @@ class Tracker:
         self.enabled = enabled and cfg["enabled"]
         self.run_id: str | None = None
         self.client = None
+        self.resumed = False
 
     def start(self, run_name: str, params: dict, tags: dict, resume_run_id: str | None = None) -> str | None:
         if not self.enabled:
@@ -84,8 +86,10 @@ class Tracker:
 
         uri = tracking_uri(self.cfg["uri"])
         self.client = MlflowClient(tracking_uri=uri)
+        if self.cfg["parent_run_id"]:
+            reopen(self.client, self.cfg["parent_run_id"])
         if resume_run_id:
-            self.run_id = resume_run_id
+            self.run_id, self.resumed = resume_run_id, True
             with_retries(self.client.update_run, resume_run_id, status="RUNNING")
             return resume_run_id
         exp = experiment_id(self.client, self.cfg["grid"] or self.cfg["experiment"], uri)
@@ -125,45 +129,51 @@ class Tracker:
 
 
 class SystemMetrics:
-    """CPU/memory/GPU utilisation logged to the run every `interval` seconds, from a daemon thread."""
+    """MLflow's own system-metrics monitor on the tracker's run, as a context manager (the name train.py uses).
+
+    MLflow samples CPU, memory, disk and network with psutil, and GPU utilisation, memory and power with
+    pynvml (`pip install nvidia-ml-py`; without it GPU metrics are skipped, the rest still logged), into
+    `system/*` metrics of the run every `interval` seconds. It is MLflow's `log_system_metrics=True` of
+    `mlflow.start_run`, attached to a run made through the client. Off when tracking is off, on non-zero
+    ranks, or with `tracking.system_metrics: false`; best effort: a failing monitor never stops training.
+    """
 
     def __init__(self, tracker: Tracker, interval: float = 10.0):
         self.tracker, self.interval = tracker, interval
-        self._stop = None
+        self.monitor = None
 
     def __enter__(self):
-        import threading
-
-        if not (self.tracker.enabled and self.tracker.cfg["system_metrics"]):
+        if not (self.tracker.enabled and self.tracker.cfg["system_metrics"] and self.tracker.run_id):
             return self
-        self._stop = threading.Event()
-        threading.Thread(target=self._loop, daemon=True).start()
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.monitor = SystemMetricsMonitor(self.tracker.run_id, sampling_interval=self.interval,
+                                                resume_logging=self.tracker.resumed,
+                                                tracking_uri=tracking_uri(self.tracker.cfg["uri"]))
+            self.monitor.start()
+        except Exception as err:  # psutil missing, an odd platform: log nothing rather than fail the job
+            print(f"system metrics off: {err}", file=sys.stderr)
+            self.monitor = None
         return self
 
-    def _loop(self):
-        import psutil
-
-        step = 0
-        while not self._stop.wait(self.interval):
-            metrics = {"system/cpu_percent": psutil.cpu_percent(),
-                       "system/memory_percent": psutil.virtual_memory().percent}
+    def __exit__(self, *exc):
+        if self.monitor is not None:
             try:
-                import torch
-
-                if torch.cuda.is_available():
-                    metrics["system/gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+                self.monitor.finish()
             except Exception:
                 pass
-            try:
-                self.tracker.log_metrics(metrics, step)
-            except Exception:
-                pass  # system metrics are best effort; never kill training over them
-            step += 1
-
-    def __exit__(self, *exc):
-        if self._stop is not None:
-            self._stop.set()
         return False
+
+
+def reopen(client, run_id: str) -> None:
+    """Mark a finished parent RUNNING again: a rerun of the workflow nests new work under it (the report ends it)."""
+    try:
+        run = with_retries(client.get_run, run_id)
+        if run.info.status != "RUNNING":
+            with_retries(client.update_run, run_id, status="RUNNING")
+    except Exception as err:  # a parent from another store, deleted: the child still logs
+        print(f"MLflow parent run {run_id} not reopened: {err}", file=sys.stderr)
 
 
 def start_parent_run(experiment: str, name: str, uri: str | None, out: Path) -> str:
@@ -201,4 +211,154 @@ def log_eval_metrics(result: dict, metrics_file: Path, manifest: dict, run_id: s
                                                     for k in keys if result.get(k) is not None])
     with_retries(client.set_tag, run_id, "eval_weights", result["weights"])
     with_retries(client.log_artifact, run_id, str(metrics_file), "eval")
+    return run_id
+
+
+def log_dataset(tracker: Tracker, manifest: str | Path, name: str | None = None, context: str = "train") -> str | None:
+    """Record the training shards as the run's dataset input (`mlflow.log_input`): name, source (the shard
+    folder) and digest (sha256 of manifest.json, which lists every shard's sha256, so it names the data exactly;
+    MLflow keeps 36 characters of a digest, so the full hash is in the profile). Returns the digest."""
+    if not tracker.enabled or tracker.run_id is None:
+        return None
+    import hashlib
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    manifest = Path(manifest)
+    full = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    info = json.loads(manifest.read_text())
+    profile = {"manifest_sha256": full, "num_samples": info.get("num_samples", info.get("total")),
+               "num_shards": len(info.get("shards", [])), "resolution": info.get("resolution")}
+    dataset = Dataset(name=name or manifest.parent.name, digest=full[:32], source_type="local",
+                      source=json.dumps({"uri": manifest.parent.resolve().as_uri()}), profile=json.dumps(profile))
+    already = with_retries(tracker.client.get_run, tracker.run_id).inputs.dataset_inputs
+    if not any(d.dataset.digest == dataset.digest and d.dataset.name == dataset.name for d in already):
+        with_retries(tracker.client.log_inputs, tracker.run_id,
+                     [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])
+    return full
+
+
+def log_grid(tracker: Tracker, image: str | Path, step: int, key: str = "samples") -> None:
+    """A sample grid as an MLflow image at a step (`log_image(key=..., step=...)`): the run page's image
+    panel shows the grids of one key with a step slider."""
+    if not tracker.enabled or tracker.run_id is None:
+        return
+    from PIL import Image
+
+    with Image.open(image) as im:
+        picture = im.convert("RGB")
+    with_retries(tracker.client.log_image, tracker.run_id, picture, key=key, step=int(step))
+
+
+def export_ema(model, path: str | Path) -> Path:
+    """The EMA network alone (no optimizer, no projector) as safetensors, with its JiT config in the metadata."""
+    import json
+    from dataclasses import asdict, is_dataclass
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # clone: safetensors refuses tensors that share storage
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    cfg = getattr(model, "cfg", None)
+    metadata = {"format": "pt", "kind": "pixelgen-ema"}
+    if cfg is not None and is_dataclass(cfg):
+        metadata["config"] = json.dumps(asdict(cfg))
+    tmp = path.with_name(path.name + ".part")
+    save_file(state, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
+def load_ema(path: str | Path):
+    """A JiT from an export_ema file (for use without MLflow)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from .model import JiT, JiTConfig
+
+    with safe_open(str(path), "pt") as f:
+        cfg = JiTConfig(**json.loads(f.metadata()["config"]))
+    model = JiT(cfg)
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()
+
+
+def log_model(tracker: Tracker, model, out_dir: str | Path, name: str = "model", step: int | None = None,
+              best_effort: bool = True) -> str | None:
+    """Log the trained (EMA) network so a run's model loads from MLflow:
+
+    - `ema.safetensors` (export_ema) as a run artifact under `weights/`;
+    - an MLflow PyTorch model `name` (`mlflow.pytorch.log_model`, with the pixelgen package as code, so it
+      loads where pixelgen is not installed): `mlflow.pytorch.load_model(f"runs:/{run_id}/{name}")` or the
+      returned `models:/` URI gives the module; call it as `model(x, t, y)` or sample with pixelgen.sampling.
+
+    Returns the model URI. With best_effort, a failure is printed, not raised: the checkpoint is on disk
+    already, and a tracking hiccup must not fail a finished training job."""
+    if not tracker.enabled or tracker.run_id is None:
+        return None
+    try:
+        import copy
+
+        import mlflow
+        import mlflow.pytorch
+        import torch
+
+        weights = export_ema(model, Path(out_dir) / "ema.safetensors")
+        with_retries(tracker.client.log_artifact, tracker.run_id, str(weights), "weights")
+        module = copy.deepcopy(model).cpu().eval()
+        mlflow.set_tracking_uri(tracking_uri(tracker.cfg["uri"]))
+        status = with_retries(tracker.client.get_run, tracker.run_id).info.status
+        # the fluent API needs an active run; leaving `with` marks it FINISHED, so the status is put back
+        with mlflow.start_run(run_id=tracker.run_id):
+            info = mlflow.pytorch.log_model(
+                module, name=name, step=step or 0, serialization_format="pickle", code_paths=[str(Path(__file__).resolve().parent)],
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "numpy"])
+        with_retries(tracker.client.update_run, tracker.run_id, status=status)
+        return info.model_uri
+    except Exception as err:
+        if not best_effort:
+            raise
+        print(f"MLflow model not logged ({type(err).__name__}: {err}); the checkpoint is on disk", file=sys.stderr)
+        return None
+
+
+def _run_id(run_id_file_or_id: str | Path) -> str:
+    path = Path(run_id_file_or_id)
+    if path.is_file():
+        return path.read_text().strip()
+    if isinstance(run_id_file_or_id, Path) or os.sep in str(run_id_file_or_id):
+        raise FileNotFoundError(f"no MLflow run id file at {path}")
+    return str(run_id_file_or_id)
+
+
+def finish_parent(run_id_file_or_id: str | Path, report_dir: str | Path | None = None, uri: str | None = None,
+                  status: str = "FINISHED") -> str:
+    """End the workflow's parent run, with the report attached: every file of report_dir (table.md/.csv,
+    summary.json, plots, sample grids, metrics) under `report/`, and summary.json's numbers as metrics
+    `<variant>/<metric>`. Idempotent: a rerun of the report logs again and ends the run again."""
+    from mlflow import MlflowClient
+
+    run_id = _run_id(run_id_file_or_id)
+    client = MlflowClient(tracking_uri=tracking_uri(uri))
+    if report_dir is not None and Path(report_dir).is_dir():
+        report_dir = Path(report_dir)
+        with_retries(client.log_artifacts, run_id, str(report_dir), "report")
+        summary = report_dir / "summary.json"
+        if summary.is_file():
+            import json
+
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            batch = [Metric(f"{variant}/{key}", float(value), now, 0)
+                     for variant, row in json.loads(summary.read_text()).items()
+                     for key, value in row.items() if isinstance(value, (int, float)) and value is not None]
+            for i in range(0, len(batch), 500):
+                with_retries(client.log_batch, run_id, metrics=batch[i:i + 500])
+    with_retries(client.set_terminated, run_id, status)
     return run_id
