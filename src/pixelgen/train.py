@@ -18,7 +18,6 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -59,39 +58,16 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     return [k for k in keys if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
 
 
-@dataclass(frozen=True)
 class RunFiles:
     """Where a run keeps its state."""
 
-    run_dir: Path
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.run_dir / "checkpoints"
-
-    @property
-    def last(self) -> Path:
-        return self.checkpoints / "last.pt"
-
-    @property
-    def final(self) -> Path:
-        return self.checkpoints / "final.pt"
-
-    @property
-    def final_ema(self) -> Path:
-        return self.checkpoints / "final_ema.pt"
-
-    @property
-    def config(self) -> Path:
-        return self.run_dir / "config.yaml"
-
-    @property
-    def mlflow_run_id(self) -> Path:
-        return self.run_dir / "mlflow_run_id"
-
-    @property
-    def metrics(self) -> Path:
-        return self.run_dir / "metrics.jsonl"
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.checkpoints = run_dir / "checkpoints"
+        self.last, self.final, self.final_ema = (self.checkpoints / name
+                                                 for name in ("last.pt", "final.pt", "final_ema.pt"))
+        self.config, self.mlflow_run_id, self.metrics = (run_dir / name
+                                                         for name in ("config.yaml", "mlflow_run_id", "metrics.jsonl"))
 
 
 @torch.no_grad()
@@ -318,7 +294,8 @@ class Trainer:
         self.params = list(self.denoiser.parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=s["lr"], betas=tuple(s["betas"]),
                                            weight_decay=s["weight_decay"])
-        self.ema = EMA(self.net, decay=s["ema_decay"], warmup=s["ema_warmup"])  # the network only: sampling needs no projector
+        # the EMA of the network only: sampling needs no projector
+        self.ema = EMA(self.net, decay=s["ema_decay"], warmup=s["ema_warmup"])
         # one generator for everything random in the objective (t, noise, label drop): its state is checkpointed
         self.generator = torch.Generator(device=self.device).manual_seed(s["seed"] * 1000 + dist.rank + 1)
         self.loader = StreamLoader(data["shards"], data["batch_size"], num_workers=data["workers"], seed=s["seed"],
