@@ -151,3 +151,38 @@ def test_works_under_torch_compile():
     compiled = torch.compile(model, fullgraph=True)  # fullgraph: fails on any graph break
     with torch.no_grad():
         assert torch.allclose(compiled(x, t, y), model(x, t, y), atol=1e-5)
+
+
+def test_label_embedder_owns_the_null_class_and_guidance_dropout():
+    from pixelgen.model import LabelEmbedder
+
+    embedder = LabelEmbedder(num_classes=10, width=8, dropout_prob=0.5)
+    assert embedder.null_class == 10 and embedder.num_embeddings == 11
+    labels = torch.arange(10).repeat(200)
+    dropped = embedder.drop(labels, torch.Generator().manual_seed(0))
+    null = dropped == 10
+    assert 0.4 < null.float().mean() < 0.6
+    assert torch.equal(dropped[~null], labels[~null])  # the others are untouched
+    # the same generator state drops the same labels (it is checkpointed for an exact resume)
+    assert torch.equal(dropped, embedder.drop(labels, torch.Generator().manual_seed(0)))
+    assert (LabelEmbedder(10, 8, dropout_prob=1.0).drop(labels, torch.Generator()) == 10).all()
+
+
+def test_no_label_dropout_draws_nothing_from_the_generator():
+    from pixelgen.model import LabelEmbedder
+
+    generator = torch.Generator().manual_seed(3)
+    labels = torch.tensor([1, 2, 3])
+    assert LabelEmbedder(10, 8).drop(labels, generator) is labels
+    assert torch.equal(generator.get_state(), torch.Generator().manual_seed(3).get_state())
+
+
+def test_class_dropout_reaches_the_label_embedder_and_the_table_key_is_stable():
+    from pixelgen.denoiser import build_denoiser
+
+    cfg = base_config()
+    cfg["model"] |= {"size": "tiny", "image_size": 16, "patch_size": 4, "num_classes": 7}
+    net = build_denoiser(cfg, None, class_dropout=0.25).net
+    assert net.y_embed.dropout_prob == 0.25 and net.null_class == 7
+    assert build_model(cfg["model"]).y_embed.dropout_prob == 0.0  # sampling builds without dropout
+    assert tuple(net.state_dict()["y_embed.weight"].shape) == (8, net.cfg.width)

@@ -1,8 +1,11 @@
+import io
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -44,6 +47,7 @@ def test_stop_and_resume_is_bit_identical_to_an_uninterrupted_run(setup):
     tmp, config, _ = setup
     full = pixelgen("train", "--config", str(config), "--run-dir", str(tmp / "full"), "--quiet")
     assert full.returncode == 0, full.stderr
+    assert "train step" not in full.stderr  # --quiet: no progress output at all
     stopped = pixelgen("train", "--config", str(config), "--run-dir", str(tmp / "resumed"), "--quiet",
                        "--stop-at-step", "3")
     assert stopped.returncode == 143 and "rerun" in stopped.stderr
@@ -77,6 +81,64 @@ def test_checkpoint_holds_everything_for_a_resume(setup):
     assert ckpt["data"]["batches_consumed"] == 2 and ckpt["config"]["train"]["steps"] == 2
     assert (tmp / "r/config.yaml").exists() and (tmp / "r/samples/final.png").exists()
     assert not list((tmp / "r/checkpoints").glob(".*tmp*"))  # atomic writes leave no temp files
+
+
+PROGRESS_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) train step (\d+)/6 loss \d+\.\d{4} "
+                           r"fm \d+\.\d{4} img/s \d+\.\d eta \d+:\d\d:\d\d$")
+
+
+def test_a_log_file_gets_a_timestamped_progress_line_every_log_every_steps(setup):
+    tmp, config, _ = setup
+    result = pixelgen("train", "--config", str(config), "--run-dir", str(tmp / "r"))  # stderr is a pipe, as in Slurm
+    assert result.returncode == 0, result.stderr
+    lines = [m for m in map(PROGRESS_LINE.match, result.stderr.splitlines()) if m]
+    assert [int(m[2]) for m in lines] == [2, 4, 6], result.stderr  # train.log_every=2, train.steps=6
+    stamps = [datetime.strptime(m[1], "%Y-%m-%d %H:%M:%S") for m in lines]
+    assert stamps == sorted(stamps)
+    assert "\r" not in result.stderr and "it/s" not in result.stderr and "step/s" not in result.stderr  # no tqdm bar
+
+
+def test_a_terminal_gets_the_bar_and_disabled_progress_prints_nothing():
+    from pixelgen.train import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terms = {"loss": 0.5, "fm": 0.25}
+    terminal, log = Terminal(), io.StringIO()
+    with Progress(4, 0, enabled=True, stream=terminal) as progress:
+        progress.advance()
+        progress.log(1, terms, 10.0)
+    assert "train" in terminal.getvalue() and "train step" not in terminal.getvalue()
+    with Progress(4, 0, enabled=False, stream=log) as progress:
+        progress.advance()
+        progress.log(1, terms, 10.0)
+    assert log.getvalue() == ""
+
+
+def test_final_ema_holds_what_sampling_reads_and_is_much_smaller(setup):
+    tmp, config_path, _ = setup
+    from pixelgen import train
+    from pixelgen.sample_job import load_ema_model
+
+    checkpoints = tmp / "r/checkpoints"
+    stale = checkpoints / ".last.pt.tmp-999999999"  # left by a killed process (no such pid can run)
+    checkpoints.mkdir(parents=True)
+    stale.write_bytes(b"torn")
+    config = load_config(config_path, ["train.steps=2"])
+    train.train(config, tmp / "r", progress=False)
+    assert not stale.exists()
+    from_final, _ = load_ema_model(checkpoints / "final.pt")
+    from_export, export = load_ema_model(checkpoints / "final_ema.pt")
+    assert states_equal(from_final.state_dict(), from_export.state_dict())
+    assert set(export) == {"ema", "config", "step", "encoders_real"} and set(export["ema"]) == {"shadow"}
+    assert export["step"] == 2 and export["config"] == config
+    assert (checkpoints / "final_ema.pt").stat().st_size < (checkpoints / "final.pt").stat().st_size / 3
+    # rerunning a finished run writes the export if it is missing (runs finished before it existed)
+    (checkpoints / "final_ema.pt").unlink()
+    train.train(config, tmp / "r", progress=False)
+    assert states_equal(torch.load(checkpoints / "final_ema.pt", weights_only=False)["ema"], export["ema"])
 
 
 def test_resume_with_another_config_is_refused(setup):

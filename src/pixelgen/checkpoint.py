@@ -1,24 +1,60 @@
-"""Atomic checkpoints and the random state they must carry for an exact resume."""
+"""Atomic checkpoints, what they hold (declared once for save and load), and the random state for an exact resume."""
 
 from __future__ import annotations
 
-import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from .files import write_atomic
+
 
 def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename: a kill never leaves a torn file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """torch.save through files.write_atomic: temp file, fsync, rename; a kill never leaves a torn file."""
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One named item of a checkpoint: how to read its state, and how to put it back (None: saved for readers
+    and checks only, e.g. the config). A per-rank entry is saved as a list with one state per rank, and each
+    rank restores its own."""
+
+    name: str
+    get: Callable[[], Any]
+    restore: Callable[[Any], None] | None = None
+    per_rank: bool = False
+
+
+class CheckpointIO:
+    """The contents of a checkpoint, declared once: `state()` builds the dict to save, `restore()` reads one back."""
+
+    def __init__(self, *entries: Entry):
+        self.entries = entries
+
+    def per_rank_states(self, gather: Callable[[dict], list[dict]] = lambda mine: [mine]) -> dict[str, list]:
+        """Each per-rank entry as a list over ranks; `gather` collects one dict from every rank (all_gather)."""
+        ranks = gather({e.name: e.get() for e in self.entries if e.per_rank})
+        return {e.name: [r[e.name] for r in ranks] for e in self.entries if e.per_rank}
+
+    def state(self, per_rank: dict[str, list]) -> dict:
+        return {e.name: per_rank[e.name] if e.per_rank else e.get() for e in self.entries}
+
+    def restore(self, state: dict, rank: int) -> None:
+        for e in self.entries:
+            if e.restore is not None:
+                e.restore(state[e.name][rank] if e.per_rank else state[e.name])
+
+
+def ema_only(state: dict) -> dict:
+    """The EMA export of a training checkpoint: exactly what `pixelgen sample` reads (sample_job.load_ema_model),
+    without the optimizer, the projector, or the per-rank resume state."""
+    return {"ema": {"shadow": state["ema"]["shadow"]}, "config": state["config"], "step": state["step"],
+            "encoders_real": state.get("encoders_real", False)}
 
 
 def load(path: Path) -> dict:

@@ -52,9 +52,10 @@ class Denoiser(nn.Module):
         return self.net.final.linear.weight
 
 
-def build_denoiser(config: dict, encoder_dim: int | None) -> Denoiser:
-    """The network from `model:`, plus a projector to `encoder_dim` when loss.repa_weight > 0."""
-    net = build_model(config["model"])
+def build_denoiser(config: dict, encoder_dim: int | None, class_dropout: float = 0.0) -> Denoiser:
+    """The network from `model:` (its label embedder dropping labels with probability `class_dropout`), plus a
+    projector to `encoder_dim` when loss.repa_weight > 0."""
+    net = build_model(config["model"], class_dropout)
     loss = config["loss"]
     if loss["repa_weight"] <= 0 or encoder_dim is None:
         return Denoiser(net)

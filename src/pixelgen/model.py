@@ -66,9 +66,9 @@ def model_config(model_cfg: dict) -> JiTConfig:
                       num_classes=model_cfg["num_classes"], proj_dropout=model_cfg["proj_dropout"])
 
 
-def build_model(model_cfg: dict) -> "JiT":
-    """A JiT from the `model:` section of a pixelgen config."""
-    return JiT(model_config(model_cfg))
+def build_model(model_cfg: dict, class_dropout: float = 0.0) -> "JiT":
+    """A JiT from the `model:` section of a pixelgen config; `class_dropout` is train.class_dropout when training."""
+    return JiT(model_config(model_cfg), class_dropout=class_dropout)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -207,6 +207,26 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))
 
 
+class LabelEmbedder(nn.Embedding):
+    """Class labels -> width vectors, with one extra row for the null class, as DiT's LabelEmbedder.
+
+    It also owns classifier-free guidance's label dropout: `drop(labels, generator)` replaces each label by the
+    null class with probability `dropout_prob`. A subclass of nn.Embedding, so the table stays `y_embed.weight`
+    in state dicts (checkpoints and the official-name map are unchanged).
+    """
+
+    def __init__(self, num_classes: int, width: int, dropout_prob: float = 0.0):
+        super().__init__(num_classes + 1, width)
+        self.null_class = num_classes
+        self.dropout_prob = dropout_prob
+
+    def drop(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if self.dropout_prob <= 0:
+            return labels  # draws nothing: the generator's stream is the same as with no dropout at all
+        drop = torch.rand(labels.shape, generator=generator, device=generator.device) < self.dropout_prob
+        return torch.where(drop.to(labels.device), torch.full_like(labels, self.null_class), labels)
+
+
 class PatchEmbed(nn.Module):
     """p x p x 3 patches -> width, through a low-rank bottleneck when `bottleneck` is set."""
 
@@ -238,12 +258,12 @@ class FinalLayer(nn.Module):
 
 
 class JiT(nn.Module):
-    def __init__(self, cfg: JiTConfig):
+    def __init__(self, cfg: JiTConfig, class_dropout: float = 0.0):
         super().__init__()
         self.cfg = cfg
         w, grid = cfg.width, cfg.grid
         self.t_embed = TimestepEmbedder(w)
-        self.y_embed = nn.Embedding(cfg.num_classes + 1, w)  # + 1: the null class for guidance
+        self.y_embed = LabelEmbedder(cfg.num_classes, w, class_dropout)
         self.x_embed = PatchEmbed(cfg.patch_size, w, cfg.bottleneck)
         self.register_buffer("pos_embed", sincos_2d(w, grid)[None], persistent=False)
         self.in_context_pos = nn.Parameter(torch.zeros(1, cfg.in_context_len, w))
@@ -266,7 +286,7 @@ class JiT(nn.Module):
 
     @property
     def null_class(self) -> int:
-        return self.cfg.num_classes
+        return self.y_embed.null_class
 
     def initialize_weights(self) -> None:
         for module in self.modules():

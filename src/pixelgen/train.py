@@ -1,8 +1,13 @@
 """`pixelgen train`: one resumable training job (CPU, one GPU, or DDP under torchrun), logged to MLflow.
 
 State lives in RUN_DIR: config.yaml (resolved), checkpoints/last.pt (every train.ckpt_every steps, on SIGTERM,
-and at the end) and checkpoints/final.pt (at the end). Rerunning the same command resumes from last.pt and
-gives bit-identical weights to an uninterrupted run on the same hardware and process layout.
+and at the end), checkpoints/final.pt (at the end) and checkpoints/final_ema.pt (at the end: the EMA network
+only, what `pixelgen sample` reads). Rerunning the same command resumes from last.pt and gives bit-identical
+weights to an uninterrupted run on the same hardware and process layout.
+
+The job reads top to bottom as its phases: `train` -> `_run`: skip a finished run, check the resume, set up
+(`Trainer.__init__`), restore, wrap for training, start tracking, then `Trainer.run` steps, logs, saves and
+samples until `Trainer.finish`.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import torch
@@ -20,13 +26,15 @@ import torch.distributed as torch_dist
 import yaml
 
 from . import checkpoint, distributed
+from .checkpoint import CheckpointIO, Entry
 from .config import flatten
 from .data import StreamLoader
+from .denoiser import build_denoiser
 from .ema import EMA
 from .errors import PixelgenError
+from .files import remove_stale_temps, write_atomic
 from .images import save_grid
-from .denoiser import build_denoiser
-from .losses import PixelGenLoss
+from .losses import LossOutput, PixelGenLoss
 from .model import model_config
 from .sampling import sample
 from .tracking import SystemMetrics, Tracker
@@ -50,12 +58,16 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     return [k for k in keys if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
 
 
-def drop_labels(y: torch.Tensor, p: float, null_class: int, generator: torch.Generator) -> torch.Tensor:
-    """Replace each label by the null class with probability p (classifier-free guidance training)."""
-    if p <= 0:
-        return y
-    drop = torch.rand(y.shape, generator=generator, device=generator.device) < p
-    return torch.where(drop.to(y.device), torch.full_like(y, null_class), y)
+class RunFiles:
+    """Where a run keeps its state."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.checkpoints = run_dir / "checkpoints"
+        self.last, self.final, self.final_ema = (self.checkpoints / name
+                                                 for name in ("last.pt", "final.pt", "final_ema.pt"))
+        self.config, self.mlflow_run_id, self.metrics = (run_dir / name
+                                                         for name in ("config.yaml", "mlflow_run_id", "metrics.jsonl"))
 
 
 @torch.no_grad()
@@ -70,7 +82,9 @@ def ema_sample_grid(model, cfg: dict, device, count: int, steps: int, path: Path
     return save_grid(images, path, nrow=min(count, model.cfg.num_classes))
 
 
-class _SigtermFlag:
+class SigtermFlag:
+    """Turns SIGTERM into a flag the loop checks after each step, so the state is saved at a step boundary."""
+
     def __init__(self):
         self.raised = False
         self._previous = None
@@ -87,176 +101,347 @@ class _SigtermFlag:
         return False
 
 
+class Progress:
+    """What a person watching sees: a tqdm bar on a terminal; otherwise (a Slurm log, a pipe) one timestamped line
+    per train.log_every steps, since a bar's carriage returns make a log file unreadable. Disabled: nothing."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, stream=None):
+        from tqdm import tqdm
+
+        self.stream = stream if stream is not None else sys.stderr
+        self.total, self.initial, self.enabled = total, initial, enabled
+        self.started = time.perf_counter()
+        interactive = enabled and self.stream.isatty()
+        self.bar = (tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
+                         file=self.stream) if interactive else None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+        return False
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def log(self, step: int, terms: dict, images_per_sec: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{terms['loss']:.4f}", fm=f"{terms['fm']:.4f}", img_s=f"{images_per_sec:.0f}")
+        elif self.enabled:
+            print(f"{datetime.now():%Y-%m-%d %H:%M:%S} train step {step}/{self.total} loss {terms['loss']:.4f} "
+                  f"fm {terms['fm']:.4f} img/s {images_per_sec:.1f} eta {self.eta(step)}", file=self.stream, flush=True)
+
+    def eta(self, step: int) -> str:
+        """Time left at this process's average pace (steps before a resume are not timed here)."""
+        done = step - self.initial
+        per_step = (time.perf_counter() - self.started) / max(done, 1)
+        return str(timedelta(seconds=round(per_step * (self.total - step))))
+
+
+class Throughput:
+    """Images per second over the steps since the last reading."""
+
+    def __init__(self, global_batch: int):
+        self.global_batch = global_batch
+        self.restart()
+
+    def restart(self) -> None:
+        self.start, self.steps = time.perf_counter(), 0
+
+    def count_step(self) -> None:
+        self.steps += 1
+
+    def read_and_restart(self) -> float:
+        rate = self.steps * self.global_batch / max(time.perf_counter() - self.start, 1e-9)
+        self.restart()
+        return rate
+
+
+def autocast_for(precision: str, device: torch.device):
+    """A context factory: bf16 autocast when asked for (or 'auto' on a GPU), else a no-op."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The job
+
+
 def train(config: dict, run_dir: Path, stop_at_step: int | None = None, progress: bool = True) -> Path:
     """Run (or resume) training; returns the path of checkpoints/final.pt."""
-    tc = config["train"]
-    run_dir = Path(run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    last_path, final_path = ckpt_dir / "last.pt", ckpt_dir / "final.pt"
-    d = distributed.init(tc["device"])
+    files = RunFiles(Path(run_dir))
+    dist = distributed.init(config["train"]["device"])
     try:
-        return _train(config, run_dir, d, last_path, final_path, stop_at_step, progress)
+        return _run(config, files, dist, stop_at_step, progress)
     finally:
         distributed.shutdown()
 
 
-def _train(config, run_dir, d, last_path, final_path, stop_at_step, progress):
-    from tqdm import tqdm
+def _run(config: dict, files: RunFiles, dist: distributed.Dist, stop_at_step: int | None,
+         show_progress: bool) -> Path:
+    # Phase 1: anything left to do, and may this config continue what RUN_DIR holds?
+    if _already_finished(config, files, dist):
+        return files.final
+    resume = _load_resumable(config, files)
+    _prepare_run_dir(config, files, dist)
 
-    tc = config["train"]
-    if final_path.exists():
-        saved = checkpoint.load(final_path)
-        if saved["step"] >= tc["steps"]:
-            if d.is_main:
-                print(f"{final_path} exists (step {saved['step']}): training is done", file=sys.stderr)
-            return final_path
-
-    resume = checkpoint.load(last_path) if last_path.exists() else None
+    # Phase 2: build everything from the seed, put the saved state back over it, then wrap for training
+    trainer = Trainer(config, files, dist)
     if resume is not None:
-        changed = config_differences(resume["config"], config)
-        if changed:
-            raise PixelgenError(f"{run_dir} was started with another config ({', '.join(changed[:5])} differ); "
-                                f"use the same config to resume, or a new --run-dir")
-    if d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        trainer.restore(resume)
+    trainer.wrap_for_training()
 
-    device = d.device
-    # the same seed on every rank while building, so all ranks start from one network and projector (DDP also
-    # broadcasts rank 0's); a per-rank seed afterwards, so dropout differs between ranks
-    torch.manual_seed(tc["seed"])
-    model_cfg = model_config(config["model"])  # grid and patch, to size the encoders
-    criterion = PixelGenLoss(config, model_cfg.grid, model_cfg.patch_size).to(device)
-    denoiser = build_denoiser(config, criterion.repa_dim).to(device)
-    model = denoiser.net
-    torch.manual_seed(tc["seed"] * 1000 + d.rank)
-    params = list(denoiser.parameters())
-    optimizer = torch.optim.AdamW(params, lr=tc["lr"], betas=tuple(tc["betas"]), weight_decay=tc["weight_decay"])
-    ema = EMA(model, decay=tc["ema_decay"], warmup=tc["ema_warmup"])  # of the network only: sampling needs no projector
-    # one generator for everything random in the objective (t, noise, label drop): its state is checkpointed
-    generator = torch.Generator(device=device).manual_seed(tc["seed"] * 1000 + d.rank + 1)
-    dc = config["data"]
-    loader = StreamLoader(dc["shards"], dc["batch_size"], num_workers=dc["workers"], seed=tc["seed"],
-                          shuffle_buffer=dc["shuffle_buffer"], flip=dc["flip"], rank=d.rank,
-                          world_size=d.world_size, device=device, pin_memory=device.type == "cuda")
-    step = 0
-    if resume is not None:
-        denoiser.load_state_dict(resume["model"])
-        criterion.adaptive.value = resume["perceptual_weight"][d.rank]
-        optimizer.load_state_dict(resume["optimizer"])
-        ema.load_state_dict(resume["ema"])
-        loader.load_state_dict(resume["data_per_rank"][d.rank])  # each rank's own stream position
-        checkpoint.set_rng_state(resume["rng"][d.rank], generator)
-        step = resume["step"]
-
-    forward_model = denoiser
-    if tc["compile"]:
-        forward_model = torch.compile(denoiser)
-    if d.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        forward_model = DistributedDataParallel(forward_model, device_ids=[device.index] if device.type == "cuda" else None)
-    use_bf16 = tc["precision"] == "bf16" or (tc["precision"] == "auto" and device.type == "cuda")
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
-
-    tracker = Tracker(config["tracking"], enabled=d.is_main)
-    run_id_file = run_dir / "mlflow_run_id"
-    previous_run = run_id_file.read_text().strip() if (resume is not None and run_id_file.exists()) else None
-    tags = {"variant": config["tracking"]["variant"] or run_dir.name, "grid": config["tracking"]["grid"] or "",
-            "weights": "real" if criterion.encoders_real else "random", "job": "train"}
-    run_id = tracker.start(tags["variant"], flatten(config), tags, resume_run_id=previous_run)
-    if run_id and d.is_main:
-        run_id_file.write_text(run_id)
-        tracker.log_artifact(run_dir / "config.yaml")
-
-    def save(*paths: Path) -> None:
-        # per rank: its RNG, so each resumes its own stream, its adaptive weight (computed from local grads),
-        # and a fingerprint of its trainable weights: ranks that drifted apart must not be saved as one model
-        mine = (checkpoint.rng_state(generator), criterion.adaptive.value, checkpoint.fingerprint(denoiser),
-                loader.state_dict())
-        if d.world_size > 1:
-            states = [None] * d.world_size
-            torch_dist.all_gather_object(states, mine)
-        else:
-            states = [mine]
-        if any(s[2] != states[0][2] for s in states):
-            raise PixelgenError(f"the {d.world_size} ranks hold different weights at step {step} (fingerprints "
-                                f"{[s[2][:12] for s in states]}); not saving; report this as a bug")
-        if d.is_main:
-            state = {"model": denoiser.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                     "step": step, "rng": [s[0] for s in states], "perceptual_weight": [s[1] for s in states],
-                     "rank_fingerprints": [s[2] for s in states],
-                     "data": states[0][3], "data_per_rank": [s[3] for s in states], "config": config, "encoders_real": criterion.encoders_real}
-            for path in paths:
-                checkpoint.save_atomic(state, path)
-        distributed.barrier(d)
-
-    def grid(tag: str) -> None:
-        if d.is_main and tc["sample_count"] > 0:
-            path = ema_sample_grid(ema.shadow, config, device, tc["sample_count"], tc["sample_steps"],
-                                   run_dir / "samples" / f"{tag}.png")
-            tracker.log_artifact(path, "samples")
-
-    saved_step = resume["step"] if resume is not None else 0
-    global_batch = dc["batch_size"] * d.world_size
-    batches = iter(loader)
-    status = "FAILED"
-    with _SigtermFlag() as sigterm, SystemMetrics(tracker), \
-            tqdm(total=tc["steps"], initial=step, desc="train", unit="step", disable=not (progress and d.is_main),
-                 dynamic_ncols=True) as bar:
+    # Phase 3: train, tracked; the MLflow run ends FINISHED, KILLED (preempted/stopped) or FAILED
+    tracker = _start_tracking(config, files, dist, trainer.criterion.encoders_real, resumed=resume is not None)
+    with SigtermFlag() as sigterm, SystemMetrics(tracker), \
+            Progress(trainer.total_steps, trainer.step, enabled=show_progress and dist.is_main) as progress:
+        status = "FAILED"
         try:
-            window_start, window_steps = time.perf_counter(), 0
-            while step < tc["steps"]:
-                x, y = next(batches)
-                y = drop_labels(y.to(device), tc["class_dropout"], model.null_class, generator)
-                with autocast():
-                    out = criterion(forward_model, x, y, generator=generator, step=step,
-                                    last_layer=denoiser.last_layer)
-                bad = [k for k, v in out.terms.items() if not math.isfinite(v)]
-                if bad:
-                    raise PixelgenError(f"non-finite loss at step {step + 1} in term(s) {', '.join(bad)} "
-                                        f"({', '.join(f'{k}={out.terms[k]}' for k in bad)}); {last_path} keeps the "
-                                        f"last good state (step {saved_step}); lower train.lr or check the data")
-                optimizer.zero_grad(set_to_none=True)
-                out.total.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, tc["grad_clip"] if tc["grad_clip"] > 0 else float("inf"))
-                optimizer.step()
-                ema.update(model)
-                step += 1
-                window_steps += 1
-                bar.update(1)
-
-                if step % tc["log_every"] == 0 or step == tc["steps"]:
-                    elapsed = time.perf_counter() - window_start
-                    metrics = {**{f"loss/{k}": v for k, v in out.terms.items()}, "grad_norm": float(grad_norm),
-                               "images_per_sec": window_steps * global_batch / max(elapsed, 1e-9)}
-                    bar.set_postfix(loss=f"{out.terms['loss']:.4f}", fm=f"{out.terms['fm']:.4f}",
-                                    img_s=f"{metrics['images_per_sec']:.0f}")
-                    tracker.log_metrics(metrics, step)
-                    if d.is_main:  # a plain copy beside the checkpoints, for reports that need no tracking server
-                        with open(run_dir / "metrics.jsonl", "a") as log:
-                            log.write(json.dumps({"step": step, **metrics}) + "\n")
-                    window_start, window_steps = time.perf_counter(), 0
-                stop_now = sigterm.raised
-                if d.world_size > 1:  # all ranks must agree to stop at the same step
-                    flag = torch.tensor([float(stop_now)], device=device)
-                    torch_dist.all_reduce(flag)
-                    stop_now = bool(flag.item() > 0)
-                if step % tc["ckpt_every"] == 0 or stop_now or step == stop_at_step:
-                    save(last_path)
-                    saved_step = step
-                if tc["sample_every"] and step % tc["sample_every"] == 0 and step < tc["steps"]:
-                    grid(f"step_{step:07d}")
-                if stop_now:
-                    status = "KILLED"
-                    raise Preempted(f"preempted (SIGTERM) at step {step}: saved {last_path}; "
-                                    f"rerun the same command to resume")
-                if step == stop_at_step:
-                    status = "KILLED"
-                    raise Preempted(f"stopped at step {step} as asked: saved {last_path}; rerun to resume")
-            save(last_path, final_path)
-            grid("final")
+            trainer.run(tracker, progress, sigterm, stop_at_step)
             status = "FINISHED"
+        except Preempted:
+            status = "KILLED"
+            raise
         finally:
             tracker.end(status)
-    return final_path
+    return files.final
+
+
+def _already_finished(config: dict, files: RunFiles, dist: distributed.Dist) -> bool:
+    if not files.final.exists():
+        return False
+    saved = checkpoint.load(files.final)
+    if saved["step"] < config["train"]["steps"]:
+        return False  # train.steps was raised: continue from last.pt
+    if dist.is_main:
+        if not files.final_ema.exists():  # finished before final_ema.pt existed, or killed just before writing it
+            checkpoint.save_atomic(checkpoint.ema_only(saved), files.final_ema)
+        print(f"{files.final} exists (step {saved['step']}): training is done", file=sys.stderr)
+    return True
+
+
+def _load_resumable(config: dict, files: RunFiles) -> dict | None:
+    """last.pt if there is one; refused when it was written under a config that changes the trajectory."""
+    if not files.last.exists():
+        return None
+    resume = checkpoint.load(files.last)
+    changed = config_differences(resume["config"], config)
+    if changed:
+        raise PixelgenError(f"{files.run_dir} was started with another config ({', '.join(changed[:5])} differ); "
+                            f"use the same config to resume, or a new --run-dir")
+    return resume
+
+
+def _prepare_run_dir(config: dict, files: RunFiles, dist: distributed.Dist) -> None:
+    if dist.is_main:
+        files.run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(files.config, yaml.safe_dump(config, sort_keys=False))
+        remove_stale_temps(files.checkpoints)  # half-written checkpoints of killed processes
+
+
+def _start_tracking(config: dict, files: RunFiles, dist: distributed.Dist, encoders_real: bool,
+                    resumed: bool) -> Tracker:
+    """An MLflow run on rank 0 (a no-op tracker elsewhere); a resumed job continues its previous run."""
+    tracker = Tracker(config["tracking"], enabled=dist.is_main)
+    previous_run = files.mlflow_run_id.read_text().strip() if resumed and files.mlflow_run_id.exists() else None
+    tags = {"variant": config["tracking"]["variant"] or files.run_dir.name, "grid": config["tracking"]["grid"] or "",
+            "weights": "real" if encoders_real else "random", "job": "train"}
+    run_id = tracker.start(tags["variant"], flatten(config), tags, resume_run_id=previous_run)
+    if run_id and dist.is_main:
+        files.mlflow_run_id.write_text(run_id)
+        tracker.log_artifact(files.config)
+    return tracker
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The training state and what is done with it
+
+
+class Trainer:
+    """The training state (network + REPA projector, objective, optimizer, EMA, data stream, random generator)
+    and the operations on it: restore, step, log, save, sample grid, finish."""
+
+    def __init__(self, config: dict, files: RunFiles, dist: distributed.Dist):
+        self.config, self.files, self.dist = config, files, dist
+        self.settings = config["train"]
+        self.device = dist.device
+        self.total_steps = self.settings["steps"]
+        self.step = self.saved_step = 0
+        self._build_networks()
+        self._build_optimizer_and_data()
+        self.checkpoint_io = self._declare_checkpoint()
+        self.forward_model = self.denoiser
+        self.autocast = autocast_for(self.settings["precision"], self.device)
+        self.throughput = Throughput(config["data"]["batch_size"] * dist.world_size)
+
+    def _build_networks(self) -> None:
+        seed = self.settings["seed"]
+        # the same seed on every rank while building, so all ranks start from one network and projector (DDP also
+        # broadcasts rank 0's); a per-rank seed afterwards, so dropout differs between ranks
+        torch.manual_seed(seed)
+        shape = model_config(self.config["model"])  # grid and patch, to size the encoders
+        self.criterion = PixelGenLoss(self.config, shape.grid, shape.patch_size).to(self.device)
+        self.denoiser = build_denoiser(self.config, self.criterion.repa_dim,
+                                       class_dropout=self.settings["class_dropout"]).to(self.device)
+        self.net = self.denoiser.net
+        torch.manual_seed(seed * 1000 + self.dist.rank)
+
+    def _build_optimizer_and_data(self) -> None:
+        s, data, dist = self.settings, self.config["data"], self.dist
+        self.params = list(self.denoiser.parameters())
+        self.optimizer = torch.optim.AdamW(self.params, lr=s["lr"], betas=tuple(s["betas"]),
+                                           weight_decay=s["weight_decay"])
+        # the EMA of the network only: sampling needs no projector
+        self.ema = EMA(self.net, decay=s["ema_decay"], warmup=s["ema_warmup"])
+        # one generator for everything random in the objective (t, noise, label drop): its state is checkpointed
+        self.generator = torch.Generator(device=self.device).manual_seed(s["seed"] * 1000 + dist.rank + 1)
+        self.loader = StreamLoader(data["shards"], data["batch_size"], num_workers=data["workers"], seed=s["seed"],
+                                   shuffle_buffer=data["shuffle_buffer"], flip=data["flip"], rank=dist.rank,
+                                   world_size=dist.world_size, device=self.device,
+                                   pin_memory=self.device.type == "cuda")
+
+    def _declare_checkpoint(self) -> CheckpointIO:
+        # Per rank: its RNG, so each resumes its own stream; its adaptive weight (computed from local grads); its
+        # data position; and a fingerprint of its trainable weights (ranks that drifted apart must not be saved
+        # as one model). The rest is rank 0's. Entries without a restore are for readers and checks.
+        adaptive = self.criterion.adaptive
+        return CheckpointIO(
+            Entry("model", self.denoiser.state_dict, self.denoiser.load_state_dict),
+            Entry("ema", self.ema.state_dict, self.ema.load_state_dict),
+            Entry("optimizer", self.optimizer.state_dict, self.optimizer.load_state_dict),
+            Entry("step", lambda: self.step, self._set_step),
+            Entry("perceptual_weight", lambda: adaptive.value, lambda v: setattr(adaptive, "value", v), per_rank=True),
+            Entry("rank_fingerprints", lambda: checkpoint.fingerprint(self.denoiser), per_rank=True),
+            Entry("data", self.loader.state_dict),
+            Entry("data_per_rank", self.loader.state_dict, self.loader.load_state_dict, per_rank=True),
+            Entry("config", lambda: self.config),
+            Entry("encoders_real", lambda: self.criterion.encoders_real),
+            # last, so nothing restored after it can draw from the restored streams
+            Entry("rng", lambda: checkpoint.rng_state(self.generator),
+                  lambda state: checkpoint.set_rng_state(state, self.generator), per_rank=True),
+        )
+
+    def _set_step(self, step: int) -> None:
+        self.step = self.saved_step = step
+
+    # -- restore and wrap ---------------------------------------------------------------------------------------
+
+    def restore(self, state: dict) -> None:
+        self.checkpoint_io.restore(state, self.dist.rank)
+
+    def wrap_for_training(self) -> None:
+        """torch.compile and DDP wrap the denoiser for the forward pass; the unwrapped one is saved."""
+        if self.settings["compile"]:
+            self.forward_model = torch.compile(self.forward_model)
+        if self.dist.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward_model = DistributedDataParallel(self.forward_model, device_ids=device_ids)
+
+    # -- the main loop ------------------------------------------------------------------------------------------
+
+    def run(self, tracker: Tracker, progress: Progress, sigterm: SigtermFlag, stop_at_step: int | None) -> None:
+        """Step until train.steps, logging, saving and sampling on schedule; SIGTERM and --stop-at-step save
+        last.pt and raise Preempted."""
+        self.tracker, self.progress = tracker, progress
+        batches = iter(self.loader)
+        self.throughput.restart()
+        while self.step < self.total_steps:
+            out, grad_norm = self.train_step(*next(batches))
+            progress.advance()
+            if self.step % self.settings["log_every"] == 0 or self.step == self.total_steps:
+                self.log(out.terms, grad_norm)
+            stop = self._all_ranks_stop(sigterm.raised)
+            if self.step % self.settings["ckpt_every"] == 0 or stop or self.step == stop_at_step:
+                self.save(self.files.last)
+            every = self.settings["sample_every"]
+            if every and self.step % every == 0 and self.step < self.total_steps:
+                self.sample_grid(f"step_{self.step:07d}")
+            if stop:
+                raise Preempted(f"preempted (SIGTERM) at step {self.step}: saved {self.files.last}; "
+                                f"rerun the same command to resume")
+            if self.step == stop_at_step:
+                raise Preempted(f"stopped at step {self.step} as asked: saved {self.files.last}; rerun to resume")
+        self.finish()
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[LossOutput, torch.Tensor]:
+        labels = self.net.y_embed.drop(labels.to(self.device), self.generator)
+        with self.autocast():
+            out = self.criterion(self.forward_model, images, labels, generator=self.generator, step=self.step,
+                                 last_layer=self.denoiser.last_layer)
+        self._check_finite(out.terms)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.total.backward()
+        clip = self.settings["grad_clip"] if self.settings["grad_clip"] > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        self.optimizer.step()
+        self.ema.update(self.net)
+        self.step += 1
+        self.throughput.count_step()
+        return out, grad_norm
+
+    def _check_finite(self, terms: dict) -> None:
+        """Stop before a non-finite loss reaches the weights: last.pt then still holds a good state."""
+        bad = [k for k, v in terms.items() if not math.isfinite(v)]
+        if bad:
+            raise PixelgenError(f"non-finite loss at step {self.step + 1} in term(s) {', '.join(bad)} "
+                                f"({', '.join(f'{k}={terms[k]}' for k in bad)}); {self.files.last} keeps the "
+                                f"last good state (step {self.saved_step}); lower train.lr or check the data")
+
+    def _all_ranks_stop(self, asked: bool) -> bool:
+        """Under DDP every rank must stop at the same step (a SIGTERM may reach one rank first)."""
+        if self.dist.world_size == 1:
+            return asked
+        flag = torch.tensor([float(asked)], device=self.device)
+        torch_dist.all_reduce(flag)
+        return bool(flag.item() > 0)
+
+    # -- log, save, sample, finish ------------------------------------------------------------------------------
+
+    def log(self, terms: dict, grad_norm: torch.Tensor) -> None:
+        metrics = {**{f"loss/{k}": v for k, v in terms.items()}, "grad_norm": float(grad_norm),
+                   "images_per_sec": self.throughput.read_and_restart()}
+        self.progress.log(self.step, terms, metrics["images_per_sec"])
+        self.tracker.log_metrics(metrics, self.step)
+        if self.dist.is_main:  # a plain copy beside the checkpoints, for reports that need no tracking server
+            with open(self.files.metrics, "a") as log:
+                log.write(json.dumps({"step": self.step, **metrics}) + "\n")
+
+    def save(self, *paths: Path) -> dict | None:
+        """Every rank takes part (the per-rank states are gathered); rank 0 writes and gets the state back."""
+        per_rank = self.checkpoint_io.per_rank_states(self._gather)
+        fingerprints = per_rank["rank_fingerprints"]
+        if any(f != fingerprints[0] for f in fingerprints):
+            raise PixelgenError(f"the {self.dist.world_size} ranks hold different weights at step {self.step} "
+                                f"(fingerprints {[f[:12] for f in fingerprints]}); not saving; report this as a bug")
+        state = self.checkpoint_io.state(per_rank) if self.dist.is_main else None
+        if state is not None:
+            for path in paths:
+                checkpoint.save_atomic(state, path)
+        distributed.barrier(self.dist)
+        self.saved_step = self.step
+        return state
+
+    def _gather(self, mine: dict) -> list[dict]:
+        if self.dist.world_size == 1:
+            return [mine]
+        states = [None] * self.dist.world_size
+        torch_dist.all_gather_object(states, mine)
+        return states
+
+    def sample_grid(self, tag: str) -> None:
+        if self.dist.is_main and self.settings["sample_count"] > 0:
+            path = ema_sample_grid(self.ema.shadow, self.config, self.device, self.settings["sample_count"],
+                                   self.settings["sample_steps"], self.files.run_dir / "samples" / f"{tag}.png")
+            self.tracker.log_artifact(path, "samples")
+
+    def finish(self) -> None:
+        """last.pt and final.pt (the full state), final_ema.pt (what sampling reads), and a last sample grid."""
+        state = self.save(self.files.last, self.files.final)
+        if state is not None:
+            checkpoint.save_atomic(checkpoint.ema_only(state), self.files.final_ema)
+        self.sample_grid("final")
