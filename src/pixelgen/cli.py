@@ -282,6 +282,25 @@ def run_track_parent(args) -> int:
     return 0
 
 
+# --- pixelgen finish-parent ----------------------------------------------------------------------
+def add_finish_parent(sub) -> None:
+    fp = sub.add_parser("finish-parent", help="end the workflow's MLflow parent run, attaching the report",
+                        description="Attach a report folder (table.md, plots, summary.json) and its metrics to the "
+                                    "parent run that track-parent created, and end that run.")
+    fp.add_argument("--run-id-file", required=True, help="the file track-parent wrote")
+    fp.add_argument("--report", help="report folder to attach")
+    fp.add_argument("--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///results/mlflow.db)")
+    fp.set_defaults(func=run_finish_parent)
+
+
+def run_finish_parent(args) -> int:
+    from .tracking import finish_parent
+
+    run_id = finish_parent(Path(args.run_id_file), args.report, args.uri)
+    print(f"MLflow parent run {run_id} finished with {args.report}")
+    return 0
+
+
 # --- pixelgen weights ----------------------------------------------------------------------------
 def add_weights(sub) -> None:
     w = sub.add_parser("weights", help="fetch or check pretrained weights (VGG16, DINOv2-B, FID Inception)",
@@ -340,7 +359,7 @@ def run_config(args) -> int:
     return 0
 
 
-COMMANDS = (add_demo_data, add_shard, add_train, add_sample, add_ref_stats, add_score, add_import_official, add_report, add_track_parent, add_weights, add_config)
+COMMANDS = (add_demo_data, add_shard, add_train, add_sample, add_ref_stats, add_score, add_import_official, add_report, add_track_parent, add_finish_parent, add_weights, add_config)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,7 +37,8 @@ from .images import save_grid
 from .losses import LossOutput, PixelGenLoss
 from .model import model_config
 from .sampling import sample
-from .tracking import SystemMetrics, Tracker
+from .progress import Progress
+from .tracking import SystemMetrics, Tracker, log_dataset, log_grid, log_model
 
 
 class Preempted(PixelgenError):
@@ -101,44 +102,30 @@ class SigtermFlag:
         return False
 
 
-class Progress:
-    """What a person watching sees: a tqdm bar on a terminal; otherwise (a Slurm log, a pipe) one timestamped line
-    per train.log_every steps, since a bar's carriage returns make a log file unreadable. Disabled: nothing."""
+class TrainProgress:
+    """Training's view of the shared progress display (pixelgen.progress: a tqdm bar on a terminal, timestamped
+    lines in a log): the bar advances every step and shows the loss; a log gets one line per train.log_every."""
 
     def __init__(self, total: int, initial: int, enabled: bool, stream=None):
-        from tqdm import tqdm
-
-        self.stream = stream if stream is not None else sys.stderr
-        self.total, self.initial, self.enabled = total, initial, enabled
-        self.started = time.perf_counter()
-        interactive = enabled and self.stream.isatty()
-        self.bar = (tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
-                         file=self.stream) if interactive else None)
+        self.display = Progress(total, "train", unit="step", noun="steps", enabled=enabled, every=0,
+                                initial=initial, stream=stream)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.close()
+        self.display.close()
         return False
 
     def advance(self) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
+        self.display.update(1)
 
     def log(self, step: int, terms: dict, images_per_sec: float) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{terms['loss']:.4f}", fm=f"{terms['fm']:.4f}", img_s=f"{images_per_sec:.0f}")
-        elif self.enabled:
-            print(f"{datetime.now():%Y-%m-%d %H:%M:%S} train step {step}/{self.total} loss {terms['loss']:.4f} "
-                  f"fm {terms['fm']:.4f} img/s {images_per_sec:.1f} eta {self.eta(step)}", file=self.stream, flush=True)
-
-    def eta(self, step: int) -> str:
-        """Time left at this process's average pace (steps before a resume are not timed here)."""
-        done = step - self.initial
-        per_step = (time.perf_counter() - self.started) / max(done, 1)
-        return str(timedelta(seconds=round(per_step * (self.total - step))))
+        if self.display.bar is not None:
+            self.display.bar.set_postfix(loss=f"{terms['loss']:.4f}", fm=f"{terms['fm']:.4f}",
+                                         img_s=f"{images_per_sec:.0f}")
+        else:  # then ", 120/1000 steps, 3.1 step/s, eta 0:04:43" from the shared counts
+            self.display.log(f"step {step}: loss {terms['loss']:.4f} fm {terms['fm']:.4f} img/s {images_per_sec:.1f}")
 
 
 class Throughput:
@@ -197,7 +184,7 @@ def _run(config: dict, files: RunFiles, dist: distributed.Dist, stop_at_step: in
     # Phase 3: train, tracked; the MLflow run ends FINISHED, KILLED (preempted/stopped) or FAILED
     tracker = _start_tracking(config, files, dist, trainer.criterion.encoders_real, resumed=resume is not None)
     with SigtermFlag() as sigterm, SystemMetrics(tracker), \
-            Progress(trainer.total_steps, trainer.step, enabled=show_progress and dist.is_main) as progress:
+            TrainProgress(trainer.total_steps, trainer.step, enabled=show_progress and dist.is_main) as progress:
         status = "FAILED"
         try:
             trainer.run(tracker, progress, sigterm, stop_at_step)
@@ -253,6 +240,7 @@ def _start_tracking(config: dict, files: RunFiles, dist: distributed.Dist, encod
     if run_id and dist.is_main:
         files.mlflow_run_id.write_text(run_id)
         tracker.log_artifact(files.config)
+        log_dataset(tracker, Path(config["data"]["shards"]) / "manifest.json")
     return tracker
 
 
@@ -438,6 +426,7 @@ class Trainer:
             path = ema_sample_grid(self.ema.shadow, self.config, self.device, self.settings["sample_count"],
                                    self.settings["sample_steps"], self.files.run_dir / "samples" / f"{tag}.png")
             self.tracker.log_artifact(path, "samples")
+            log_grid(self.tracker, path, self.step)
 
     def finish(self) -> None:
         """last.pt and final.pt (the full state), final_ema.pt (what sampling reads), and a last sample grid."""
@@ -445,3 +434,5 @@ class Trainer:
         if state is not None:
             checkpoint.save_atomic(checkpoint.ema_only(state), self.files.final_ema)
         self.sample_grid("final")
+        if self.dist.is_main:  # the EMA network as an MLflow model (and an EMA-only safetensors file)
+            log_model(self.tracker, self.ema.shadow, self.files.checkpoints, step=self.step)

@@ -2,6 +2,7 @@ rule report:
     input:
         grid=GRID_FILE,
         metrics=expand(f"{RESULTS}/metrics/{{variant}}.json", variant=list(VARIANTS)),
+        parent=f"{WORK}/mlflow/{GRID}.parent",
     output:
         table=report(f"{RESULTS}/table.md", category="Results", caption="../report/table.rst"),
         csv=f"{RESULTS}/table.csv",
@@ -14,6 +15,7 @@ rule report:
         view=REPORT_RUNS,
         metrics=lambda wc, input: os.path.dirname(input.metrics[0]),
         out=lambda wc, output: os.path.dirname(output.table),
+        uri=f"--uri {config['mlflow_uri']}" if config.get("mlflow_uri") else "",
     log:
         f"{LOGS}/report.log",
     localrule: True
@@ -21,4 +23,5 @@ rule report:
         ENV
     shell:
         "{params.links} && pixelgen report --grid {input.grid} --metrics {params.metrics} --runs {params.view} "
-        "--out {params.out} > {log} 2>&1"
+        "--out {params.out} > {log} 2>&1 && "
+        "pixelgen finish-parent --run-id-file {input.parent} --report {params.out} {params.uri} >> {log} 2>&1"
