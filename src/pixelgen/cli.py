@@ -17,6 +17,13 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
                         help="override one config value (repeatable), e.g. --set loss.gate=0.6")
 
 
+def add_sampling_section_args(parser: argparse.ArgumentParser, base: str) -> None:
+    """--config/--set for jobs that take only a `sampling` section over `base` (sample, import-official)."""
+    parser.add_argument("--config", metavar="FILE", help=f"YAML whose sampling section overrides {base}")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="sampling.KEY=VALUE",
+                        help="override one sampling value (repeatable), e.g. --set sampling.shift=2.0")
+
+
 def add_inception_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=100, help="images per Inception pass (default 100)")
     parser.add_argument("--weights-dir", help="weights directory (default: $PIXELGEN_WEIGHTS or ~/.cache/pixelgen/weights)")
@@ -120,9 +127,7 @@ def add_sample(sub) -> None:
     sp.add_argument("--ckpt", required=True, help="a checkpoint written by pixelgen train")
     sp.add_argument("--num", type=int, required=True, help="number of images (50000 for the ImageNet evaluation)")
     sp.add_argument("--out", required=True, help="output folder (samples-*.tar, samples.json)")
-    sp.add_argument("--config", metavar="FILE", help="YAML whose sampling section overrides the checkpoint's")
-    sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="sampling.KEY=VALUE",
-                    help="override one sampling value (repeatable), e.g. --set sampling.shift=2.0")
+    add_sampling_section_args(sp, "the checkpoint's")
     sp.add_argument("--sampler", choices=["euler", "heun"], help="ODE solver (default: from the checkpoint config)")
     sp.add_argument("--steps", type=int, help="solver steps (Heun-50 = 99 evaluations)")
     sp.add_argument("--cfg", type=float, help="guidance scale (1.0 = no unconditional pass)")
@@ -224,9 +229,7 @@ def add_import_official(sub) -> None:
                                     "digest `pixelgen weights fetch` recorded.")
     io.add_argument("ckpt", help="the official checkpoint (.ckpt)")
     io.add_argument("--out", required=True, help="the pixelgen checkpoint to write")
-    io.add_argument("--config", metavar="FILE", help="YAML whose sampling section overrides the official one")
-    io.add_argument("--set", dest="overrides", action="append", default=[], metavar="sampling.KEY=VALUE",
-                    help="override one sampling value (repeatable), e.g. --set sampling.cfg=2.25")
+    add_sampling_section_args(io, "the official one")
     io.set_defaults(func=run_import_official)
 
 
