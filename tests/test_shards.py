@@ -105,7 +105,7 @@ def test_strict_makes_bad_files_fatal_and_keeps_finished_shards(messy_src, tmp_p
     result = pixelgen("shard", str(messy_src), str(out), "--resolution", "32", "--strict", "--shard-size", "5", "--quiet")
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1 and ".JPEG" in result.stderr and "--strict" in result.stderr
-    assert not list(out.glob("*.part"))
+    assert not list(out.glob("*.part")) and not list(out.glob(".*.tmp-*"))  # the refused shard left no temp tar
 
 
 def test_missing_or_empty_source_is_a_clear_error(tmp_path):
@@ -173,7 +173,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     assert (out / "manifest.json").read_text() == (tmp_path / "ref" / "manifest.json").read_text()
     # shards that were complete before the kill were kept, not rewritten
     assert all((out / name).stat().st_mtime_ns == mtime for name, mtime in complete.items())
-    assert not list(out.glob("*.part"))
+    assert not list(out.glob("*.part")) and not list(out.glob(".*.tmp-*"))  # the killed run's temp tar is swept
     for shard in json.loads((out / "manifest.json").read_text())["shards"]:
         assert (out / shard["name"]).read_bytes() == (tmp_path / "ref" / shard["name"]).read_bytes()
 

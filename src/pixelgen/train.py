@@ -177,12 +177,14 @@ def _run(config: dict, files: RunFiles, dist: distributed.Dist, stop_at_step: in
 
     # Phase 2: build everything from the seed, put the saved state back over it, then wrap for training
     trainer = Trainer(config, files, dist)
-    if resume is not None:
+    resumed = resume is not None
+    if resumed:
         trainer.restore(resume)
+    del resume  # a full checkpoint in host memory (optimizer moments included) is not needed any longer
     trainer.wrap_for_training()
 
     # Phase 3: train, tracked; the MLflow run ends FINISHED, KILLED (preempted/stopped) or FAILED
-    tracker = _start_tracking(config, files, dist, trainer.criterion.encoders_real, resumed=resume is not None)
+    tracker = _start_tracking(config, files, dist, trainer.criterion.encoders_real, resumed=resumed)
     with SigtermFlag() as sigterm, SystemMetrics(tracker), \
             TrainProgress(trainer.total_steps, trainer.step, enabled=show_progress and dist.is_main) as progress:
         status = "FAILED"
