@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -217,6 +218,12 @@ def test_local_run_produces_the_results(local_run):
 
     csv = pd.read_csv(results / "table.csv").set_index("variant")
     assert "sFID" in table and csv.loc["pixelgen", "sFID"] == pytest.approx(metrics["sfid"])
+    # a job's log is readable progress, not one line at the end: timestamped lines from training, sampling, scoring
+    logs = local_run / "work/logs/ci"
+    stamped = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", re.M)
+    for kind in ("train", "sample", "score"):
+        texts = [log.read_text() for log in (logs / kind).glob("*.log")]
+        assert texts and any(stamped.search(text) for text in texts), kind
     # rerunning `all` finds nothing to do
     again = snakemake(local_run, "--cores", "2", "all", "--configfile", "config/test.yaml")
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr

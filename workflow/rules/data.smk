@@ -16,7 +16,7 @@ if DATASET["generate_demo"]:
             ENV
         shell:
             "pixelgen demo-data {output} --resolution {params.resolution} --per-class {params.per_class} "
-            "--quiet > {log} 2>&1"
+            "> {log} 2>&1"
 
 
 # The shard folder is keyed by resolution, format and shard size (common.smk): a changed setting makes a new
@@ -41,7 +41,7 @@ rule shard:
         ENV
     shell:
         "pixelgen shard {input} {params.out} --resolution {params.resolution} --shard-size {params.shard_size} "
-        "--format {params.format} --workers {threads} --quiet > {log} 2>&1"
+        "--format {params.format} --workers {threads} > {log} 2>&1"
 
 
 # Reference statistics of the training shards, unless the config names a reference (the ADM batch) to use
@@ -68,4 +68,4 @@ if not config.get("reference"):
         conda:
             ENV
         shell:
-            "pixelgen ref-stats {params.shards} --out {output} {params.limit} {params.random} --quiet > {log} 2>&1"
+            "pixelgen ref-stats {params.shards} --out {output} {params.limit} {params.random} > {log} 2>&1"

@@ -26,7 +26,7 @@ rule sample_part:
     conda:
         ENV
     shell:
-        "pixelgen sample --ckpt {input} --out {params.out} {params.args} --part {params.part} --quiet > {log} 2>&1"
+        "pixelgen sample --ckpt {input} --out {params.out} {params.args} --part {params.part} > {log} 2>&1"
 
 
 rule sample_gather:
@@ -47,4 +47,4 @@ rule sample_gather:
     conda:
         ENV
     shell:
-        "pixelgen sample --ckpt {input.ckpt} --out {params.out} {params.args} --quiet > {log} 2>&1"
+        "pixelgen sample --ckpt {input.ckpt} --out {params.out} {params.args} > {log} 2>&1"

@@ -19,4 +19,4 @@ rule score:
     conda:
         ENV
     shell:
-        "pixelgen score {params.samples} --ref {input.ref} --out {output} {params.random} --quiet > {log} 2>&1"
+        "pixelgen score {params.samples} --ref {input.ref} --out {output} {params.random} > {log} 2>&1"

@@ -50,7 +50,7 @@ rule train:
         ENV
     shell:
         "{params.launcher} train --config {params.config_file} {params.sets} "
-        "--set tracking.parent_run_id=$(cat {input.parent}) --run-dir {params.run_dir} --quiet >> {log} 2>&1"
+        "--set tracking.parent_run_id=$(cat {input.parent}) --run-dir {params.run_dir} >> {log} 2>&1"
 
 
 # An official release checkpoint stands in for training: converted once (EMA weights only), then sampled and
