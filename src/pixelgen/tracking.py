@@ -48,14 +48,14 @@ def client_for(uri: str):
     under an exclusive flock on `<db>.lock`: the second job waits, then finds the tables made."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
     db = sqlite_path(uri)
     if db is None:
-        return client
+        return MlflowClient(tracking_uri=uri)
     db.parent.mkdir(parents=True, exist_ok=True)  # SQLite makes the file, not its folder
     with open(db.with_name(db.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or by the kernel if the job dies
-        with_retries(client.search_experiments, max_results=1)  # opens the store: creates/migrates the tables
+        client = MlflowClient(tracking_uri=uri)  # may open the store already
+        with_retries(client.search_experiments, max_results=1)  # opens it if not: creates/migrates the tables
     return client
 
 
