@@ -30,4 +30,4 @@ def test_ema_only_keeps_what_sampling_reads():
     full = {"model": 1, "optimizer": 2, "rng": [3], "step": 5, "config": {"a": 1}, "encoders_real": True,
             "ema": {"shadow": {"w": torch.ones(1)}, "num_updates": 5, "decay": 0.9, "warmup": False}}
     assert checkpoint.ema_only(full) == {"ema": {"shadow": full["ema"]["shadow"]}, "step": 5, "config": {"a": 1},
-                                         "encoders_real": True}
+                                         "encoders_real": True, "init_from": None}  # provenance travels along

@@ -132,7 +132,8 @@ def test_final_ema_holds_what_sampling_reads_and_is_much_smaller(setup):
     from_final, _ = load_ema_model(checkpoints / "final.pt")
     from_export, export = load_ema_model(checkpoints / "final_ema.pt")
     assert states_equal(from_final.state_dict(), from_export.state_dict())
-    assert set(export) == {"ema", "config", "step", "encoders_real"} and set(export["ema"]) == {"shadow"}
+    assert set(export) == {"ema", "config", "step", "encoders_real", "init_from"} and set(export["ema"]) == {"shadow"}
+    assert export["init_from"] is None  # a run from scratch
     assert export["step"] == 2 and export["config"] == config
     assert (checkpoints / "final_ema.pt").stat().st_size < (checkpoints / "final.pt").stat().st_size / 3
     # rerunning a finished run writes the export if it is missing (runs finished before it existed)

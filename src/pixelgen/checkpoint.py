@@ -28,6 +28,7 @@ class Entry:
     get: Callable[[], Any]
     restore: Callable[[Any], None] | None = None
     per_rank: bool = False
+    optional: bool = False  # absent from checkpoints written before the entry existed: then not restored
 
 
 class CheckpointIO:
@@ -46,7 +47,7 @@ class CheckpointIO:
 
     def restore(self, state: dict, rank: int) -> None:
         for e in self.entries:
-            if e.restore is not None:
+            if e.restore is not None and not (e.optional and e.name not in state):
                 e.restore(state[e.name][rank] if e.per_rank else state[e.name])
 
 
@@ -54,7 +55,36 @@ def ema_only(state: dict) -> dict:
     """The EMA export of a training checkpoint: exactly what `pixelgen sample` reads (sample_job.load_ema_model),
     without the optimizer, the projector, or the per-rank resume state."""
     return {"ema": {"shadow": state["ema"]["shadow"]}, "config": state["config"], "step": state["step"],
-            "encoders_real": state.get("encoders_real", False)}
+            "encoders_real": state.get("encoders_real", False), "init_from": state.get("init_from")}
+
+
+def network_weights(state: dict, path: Path) -> tuple[dict, dict]:
+    """The weights to start a new run from, out of any checkpoint pixelgen writes: a training checkpoint (the
+    trained denoiser: network and REPA projector), an EMA export (final_ema.pt) or an imported official release
+    (the EMA network). Returns (denoiser state, EMA network state); an EMA-only file gives its EMA network for both."""
+    from .errors import PixelgenError
+
+    ema = state.get("ema", {}).get("shadow") if isinstance(state, dict) else None
+    model = state.get("model") if isinstance(state, dict) else None
+    if model is None and ema is None:
+        raise PixelgenError(f"{path} holds no network weights (neither 'model' nor 'ema'); pass a checkpoint "
+                            f"written by pixelgen train or pixelgen import-official")
+    if model is None:
+        model = {f"net.{k}": v for k, v in ema.items()}
+    if ema is None:
+        ema = {k[len("net."):]: v for k, v in model.items() if k.startswith("net.")}
+    return model, ema
+
+
+def first_mismatch(have: dict, want: dict) -> str | None:
+    """The first key that is missing from `have`, left over in it, or of another shape than in `want`."""
+    for key, tensor in want.items():
+        if key not in have:
+            return f"{key} is missing there"
+        if tuple(have[key].shape) != tuple(tensor.shape):
+            return f"{key} has shape {list(have[key].shape)} there, {list(tensor.shape)} here"
+    extra = next((k for k in have if k not in want), None)
+    return f"{extra} is there but not in this model" if extra else None
 
 
 def load(path: Path) -> dict:

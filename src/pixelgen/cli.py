@@ -5,6 +5,7 @@ measure images and have no config to override, only flags."""
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -101,7 +102,11 @@ def add_train(sub) -> None:
                                    "the same command resumes exactly. Multi-GPU: torchrun --nproc-per-node N "
                                    "-m pixelgen.cli train ...")
     add_config_args(t)
-    t.add_argument("--run-dir", required=True, help="where config, checkpoints and sample grids go")
+    t.add_argument("--run-dir", required=True, help="where config, checkpoints and sample grids go (one job at a "
+                                                    "time: a second is refused)")
+    t.add_argument("--init-from", metavar="CKPT",
+                   help="start a new run from this checkpoint's weights (a training checkpoint, final_ema.pt or "
+                        "an imported official one); step, optimizer and data start over")
     t.add_argument("--stop-at-step", type=int, help=argparse.SUPPRESS)  # tests: behave as if preempted here
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=run_train)
@@ -112,7 +117,14 @@ def run_train(args) -> int:
     from .train import train
 
     config = load_config(args.config, args.overrides)
-    final = train(config, Path(args.run_dir), stop_at_step=args.stop_at_step, progress=not args.quiet)
+    try:
+        final = train(config, Path(args.run_dir), stop_at_step=args.stop_at_step, progress=not args.quiet,
+                      init_from=args.init_from)
+    except OSError as err:  # a full disk outside the atomic writes (MLflow's store, a sample grid library)
+        if err.errno != errno.ENOSPC:
+            raise
+        raise PixelgenError(f"no space left on device writing {err.filename or args.run_dir}; free space and "
+                            f"rerun (the last checkpoint is intact)") from None
     print(f"done: {final}")
     return 0
 

@@ -7,6 +7,8 @@ Unknown keys and values of the wrong type raise ConfigError naming the key, befo
 from __future__ import annotations
 
 import copy
+import math
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
@@ -30,10 +32,44 @@ NULLABLE_TYPES: dict[str, type | tuple[type, ...]] = {
 }
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """YAML as people write numbers: PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent,
+    so `1e-4`, `1E-4` or `3e-4` would be read as text and refused. Here every float spelling Python reads
+    (`1e-4`, `3.e-4`, `.5`, `1_000.0`, `.inf`, `.nan`) is a float; all other YAML rules are PyYAML's."""
+
+
+FLOAT_TAG = "tag:yaml.org,2002:float"
+FLOAT_PATTERN = re.compile(r"""^[-+]?(?:
+      [0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?   # 1.0, 3., 3.e-4, 1_000.0
+    | \.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?          # .5, .5e-3
+    | [0-9][0-9_]*[eE][-+]?[0-9]+                 # 1e-4, 1E4
+    | \.(?:inf|Inf|INF) | \.(?:nan|NaN|NAN))$""", re.X)
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != FLOAT_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+ConfigLoader.add_implicit_resolver(FLOAT_TAG, FLOAT_PATTERN, list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=ConfigLoader)
+
+
 def base_config() -> dict:
     """The packaged defaults (a fresh copy each call)."""
     text = resources.files("pixelgen").joinpath("configs/base.yaml").read_text()
-    return yaml.safe_load(text)
+    return parse_yaml(text)
+
+
+def _as_float(key: str, value: Any) -> float:
+    """A number for a float key: ints widen; non-finite values are refused (no setting means 'unlimited' by inf,
+    and a nan would only surface as a non-finite loss many steps later)."""
+    if not math.isfinite(value):
+        raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _type_name(value: Any) -> str:
@@ -48,8 +84,10 @@ def _check_value(key: str, value: Any, default: Any) -> Any:
         want = NULLABLE_TYPES.get(key)
         if want is None:
             return value
-        if want is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
+        if want is float and _is_number(value):
+            return _as_float(key, value)
+        if want is int and isinstance(value, float) and value.is_integer():
+            return int(value)
         if isinstance(value, want) and not isinstance(value, bool):
             return value
         raise ConfigError(f"config key '{key}' must be null or {getattr(want, '__name__', want)}, got {value!r}")
@@ -57,11 +95,13 @@ def _check_value(key: str, value: Any, default: Any) -> Any:
         if isinstance(value, bool):
             return value
     elif isinstance(default, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        if _is_number(value):
+            return _as_float(key, value)
     elif isinstance(default, int):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, float) and value.is_integer():  # 4e5 steps: a whole number in exponent form
+            return int(value)
     elif isinstance(default, str):
         if isinstance(value, str):
             return value
@@ -101,7 +141,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not key:
         raise ConfigError(f"--set '{item}' has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -123,7 +163,7 @@ def read_config_file(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path} (pass an existing YAML file to --config)")
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        return parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -188,7 +228,7 @@ def load_grid(path: str | Path) -> dict:
     if not path.is_file():
         raise PixelgenError(f"grid file not found: {path}")
     try:
-        grid = yaml.safe_load(path.read_text())
+        grid = parse_yaml(path.read_text())
     except yaml.YAMLError:
         raise PixelgenError(f"grid file {path} is not valid YAML") from None
     if not isinstance(grid, dict) or not isinstance(grid.get("variants"), dict) or not grid["variants"]:

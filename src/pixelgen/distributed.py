@@ -52,3 +52,12 @@ def barrier(d: Dist) -> None:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_ok(d: Dist, ok: bool) -> bool:
+    """True when every rank says ok: a refusal on one rank (rank 0's run dir lock) stops them all cleanly."""
+    if d.world_size == 1:
+        return ok
+    flag = torch.tensor([1.0 if ok else 0.0], device=d.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)

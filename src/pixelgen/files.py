@@ -34,8 +34,6 @@ def temp_path(path: Path) -> Path:
 @contextmanager
 def atomic_open(path: Path | str) -> Iterator[IO[bytes]]:
     """A binary file handle whose content appears at `path` only when the block ends without an error."""
-    from .errors import PixelgenError
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
@@ -48,11 +46,28 @@ def atomic_open(path: Path | str) -> Iterator[IO[bytes]]:
     except OSError as err:
         tmp.unlink(missing_ok=True)
         if err.errno == errno.ENOSPC:
-            raise PixelgenError(f"no space left on device writing {path}; free space and rerun "
-                                f"(the previous {path.name}, if any, is intact)") from None
+            raise no_space_left(path, f"the previous {path.name}, if any, is intact") from None
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+def no_space_left(path: Path | str, kept: str):
+    """The one-line error of a full disk; `kept` says what is still intact."""
+    from .errors import PixelgenError
+
+    return PixelgenError(f"no space left on device writing {path}; free space and rerun ({kept})")
+
+
+def append_text(path: Path | str, text: str) -> None:
+    """Append to a log file (metrics.jsonl); a full disk is a one-line error, not a traceback."""
+    try:
+        with open(path, "a") as log:
+            log.write(text)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise no_space_left(path, "the lines before are intact") from None
         raise
 
 

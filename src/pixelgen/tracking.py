@@ -4,10 +4,13 @@ Layout in the UI: an experiment per grid, a parent run per workflow run, a child
 The default store is a SQLite file under results/, with artifacts beside it, so `mlflow ui
 --backend-store-uri sqlite:///results/mlflow.db` shows everything. Many jobs may log at once: SQLite answers
 "database is locked" under contention, so every call retries with backoff instead of losing the metric.
+A fresh SQLite store is created (its tables migrated) under a lock beside it, so jobs that start together
+do not run the same migration twice.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import subprocess
@@ -31,9 +34,29 @@ def tracking_uri(configured: str | None = None) -> str:
 
 def artifact_root(uri: str) -> str | None:
     """Artifacts beside a SQLite store (results/mlartifacts); other stores choose their own."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
-    return None
+    db = sqlite_path(uri)
+    return (db.parent / "mlartifacts").resolve().as_uri() if db is not None else None
+
+
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def client_for(uri: str):
+    """An MlflowClient whose store exists. MLflow creates a SQLite store's tables on first use; two jobs doing
+    that at once both migrate and one dies ("table ... already exists"). So the first use of the store happens
+    under an exclusive flock on `<db>.lock`: the second job waits, then finds the tables made."""
+    from mlflow import MlflowClient
+
+    db = sqlite_path(uri)
+    if db is None:
+        return MlflowClient(tracking_uri=uri)
+    db.parent.mkdir(parents=True, exist_ok=True)  # SQLite makes the file, not its folder
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or by the kernel if the job dies
+        client = MlflowClient(tracking_uri=uri)  # may open the store already
+        with_retries(client.search_experiments, max_results=1)  # opens it if not: creates/migrates the tables
+    return client
 
 
 def git_commit() -> str:
@@ -82,10 +105,8 @@ class Tracker:
     def start(self, run_name: str, params: dict, tags: dict, resume_run_id: str | None = None) -> str | None:
         if not self.enabled:
             return None
-        from mlflow import MlflowClient
-
         uri = tracking_uri(self.cfg["uri"])
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = client_for(uri)
         if self.cfg["parent_run_id"]:
             reopen(self.client, self.cfg["parent_run_id"])
         if resume_run_id:
@@ -180,10 +201,8 @@ def start_parent_run(experiment: str, name: str, uri: str | None, out: Path) -> 
     """The parent run of a workflow run: created once, its id kept in `out` so reruns nest under the same one."""
     if out.exists() and out.read_text().strip():
         return out.read_text().strip()
-    from mlflow import MlflowClient
-
     resolved = tracking_uri(uri)
-    client = MlflowClient(tracking_uri=resolved)
+    client = client_for(resolved)
     exp = experiment_id(client, experiment, resolved)
     run = with_retries(client.create_run, exp, run_name=name, tags={"git_commit": git_commit(), "kind": "workflow"})
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -200,10 +219,9 @@ def log_eval_metrics(result: dict, metrics_file: Path, manifest: dict, run_id: s
         run_id = id_file.read_text().strip() if id_file.exists() else None
     if run_id is None:
         return None
-    from mlflow import MlflowClient  # imported only when there is a run: it takes seconds
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric  # imported only when there is a run: it takes seconds
 
-    client = MlflowClient(tracking_uri=tracking_uri(uri or manifest.get("tracking_uri")))
+    client = client_for(tracking_uri(uri or manifest.get("tracking_uri")))
     step = int(result["sampling"].get("ckpt_step", 0))
     now = int(time.time() * 1000)
     keys = ("fid", "sfid", "inception_score", "kid", "precision", "recall")
@@ -256,20 +274,17 @@ def export_ema(model, path: str | Path) -> Path:
     import json
     from dataclasses import asdict, is_dataclass
 
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from .files import write_atomic
+
     # clone: safetensors refuses tensors that share storage
     state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
     cfg = getattr(model, "cfg", None)
     metadata = {"format": "pt", "kind": "pixelgen-ema"}
     if cfg is not None and is_dataclass(cfg):
         metadata["config"] = json.dumps(asdict(cfg))
-    tmp = path.with_name(path.name + ".part")
-    save_file(state, str(tmp), metadata=metadata)
-    tmp.replace(path)
-    return path
+    return write_atomic(path, save(state, metadata=metadata))  # no half-written or stray temp file on failure
 
 
 def load_ema(path: str | Path):
@@ -341,10 +356,8 @@ def finish_parent(run_id_file_or_id: str | Path, report_dir: str | Path | None =
     """End the workflow's parent run, with the report attached: every file of report_dir (table.md/.csv,
     summary.json, plots, sample grids, metrics) under `report/`, and summary.json's numbers as metrics
     `<variant>/<metric>`. Idempotent: a rerun of the report logs again and ends the run again."""
-    from mlflow import MlflowClient
-
     run_id = _run_id(run_id_file_or_id)
-    client = MlflowClient(tracking_uri=tracking_uri(uri))
+    client = client_for(tracking_uri(uri))
     if report_dir is not None and Path(report_dir).is_dir():
         report_dir = Path(report_dir)
         with_retries(client.log_artifacts, run_id, str(report_dir), "report")

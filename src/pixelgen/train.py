@@ -3,11 +3,13 @@
 State lives in RUN_DIR: config.yaml (resolved), checkpoints/last.pt (every train.ckpt_every steps, on SIGTERM,
 and at the end), checkpoints/final.pt (at the end) and checkpoints/final_ema.pt (at the end: the EMA network
 only, what `pixelgen sample` reads). Rerunning the same command resumes from last.pt and gives bit-identical
-weights to an uninterrupted run on the same hardware and process layout.
+weights to an uninterrupted run on the same hardware and process layout. One job at a time holds RUN_DIR (a
+lock released on any exit); a checkpoint never holds non-finite weights. `init_from` (--init-from) starts a new
+run from another checkpoint's weights, recorded (path and sha256) in every checkpoint and in MLflow.
 
 The job reads top to bottom as its phases: `train` -> `_run`: skip a finished run, check the resume, set up
-(`Trainer.__init__`), restore, wrap for training, start tracking, then `Trainer.run` steps, logs, saves and
-samples until `Trainer.finish`.
+(`Trainer.__init__`), restore (or start from init_from), wrap for training, start tracking, then `Trainer.run`
+steps, logs, saves and samples until `Trainer.finish`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import math
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -32,8 +34,9 @@ from .data import StreamLoader
 from .denoiser import build_denoiser
 from .ema import EMA
 from .errors import PixelgenError
-from .files import remove_stale_temps, write_atomic
+from .files import append_text, remove_stale_temps, sha256, write_atomic
 from .images import save_grid
+from .locks import FolderBusy, exclusive_folder
 from .losses import LossOutput, PixelGenLoss
 from .model import model_config
 from .sampling import sample
@@ -59,6 +62,36 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     return [k for k in keys if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
 
 
+def refuse_other_config(saved: dict, config: dict, files: "RunFiles", ckpt: Path) -> None:
+    """A run dir continues only under the config it was started with, finished or not."""
+    changed = config_differences(saved["config"], config)
+    if changed:
+        raise PixelgenError(f"{files.run_dir} was started with another config ({', '.join(changed[:5])} differ); "
+                            f"use the same config to resume, or a new --run-dir (with --init-from {ckpt} to "
+                            f"start from its weights)")
+
+
+def init_source(path: Path | str) -> dict:
+    """What --init-from names: the resolved path and the sha256 that identifies the file."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise PixelgenError(f"--init-from {path}: no such checkpoint file")
+    return {"path": str(path), "sha256": sha256(path)}
+
+
+def refuse_other_init(saved: dict, init: dict | None, files: "RunFiles", ckpt: Path) -> None:
+    """A rerun may repeat --init-from or leave it out (the run dir holds the state); another source is refused."""
+    if init is None:
+        return
+    recorded = saved.get("init_from")
+    if recorded is None:
+        raise PixelgenError(f"{files.run_dir} holds its own training state ({ckpt.name}, step {saved['step']}); "
+                            f"--init-from starts a new run: use a new --run-dir")
+    if recorded["sha256"] != init["sha256"]:
+        raise PixelgenError(f"{files.run_dir} was started from {recorded['path']} (sha256 {recorded['sha256'][:12]}), "
+                            f"not {init['path']}; rerun with that --init-from to resume, or use a new --run-dir")
+
+
 class RunFiles:
     """Where a run keeps its state."""
 
@@ -69,6 +102,24 @@ class RunFiles:
                                                  for name in ("last.pt", "final.pt", "final_ema.pt"))
         self.config, self.mlflow_run_id, self.metrics = (run_dir / name
                                                          for name in ("config.yaml", "mlflow_run_id", "metrics.jsonl"))
+        self.samples = run_dir / "samples"
+
+    def last_saved(self, step: int) -> str:
+        """What a stopped run can go back to, said truthfully (there may be no checkpoint yet)."""
+        if self.last.exists():
+            return (f"{self.last} holds step {step}, the last saved state (resume by rerunning, or start a new "
+                    f"--run-dir from it with --init-from {self.last})")
+        return "no checkpoint was saved yet"
+
+
+def _model_differences(source: dict, config: dict) -> str:
+    """' (model.patch_size=8 there)': the settings to copy when a checkpoint does not fit, if it says them."""
+    theirs = source.get("config", {}).get("model")
+    if not isinstance(theirs, dict):
+        return ""
+    ours = config["model"]
+    differ = [f"model.{k}={theirs[k]!r} there" for k in ours if k in theirs and theirs[k] != ours[k]]
+    return f" ({', '.join(differ)})" if differ else ""
 
 
 @torch.no_grad()
@@ -157,34 +208,57 @@ def autocast_for(precision: str, device: torch.device):
 # The job
 
 
-def train(config: dict, run_dir: Path, stop_at_step: int | None = None, progress: bool = True) -> Path:
-    """Run (or resume) training; returns the path of checkpoints/final.pt."""
+def train(config: dict, run_dir: Path, stop_at_step: int | None = None, progress: bool = True,
+          init_from: Path | str | None = None) -> Path:
+    """Run (or resume) training; returns the path of checkpoints/final.pt. `init_from`: a checkpoint whose
+    weights a new run starts from (a training checkpoint, final_ema.pt, or an imported official release)."""
     files = RunFiles(Path(run_dir))
     dist = distributed.init(config["train"]["device"])
     try:
-        return _run(config, files, dist, stop_at_step, progress)
+        with _run_dir_lock(files, dist):
+            init = init_source(init_from) if init_from is not None else None
+            return _run(config, files, dist, stop_at_step, progress, init)
     finally:
         distributed.shutdown()
 
 
-def _run(config: dict, files: RunFiles, dist: distributed.Dist, stop_at_step: int | None,
-         show_progress: bool) -> Path:
-    # Phase 1: anything left to do, and may this config continue what RUN_DIR holds?
-    if _already_finished(config, files, dist):
-        return files.final
-    resume = _load_resumable(config, files)
-    _prepare_run_dir(config, files, dist)
+@contextmanager
+def _run_dir_lock(files: RunFiles, dist: distributed.Dist):
+    """One job per run dir: a second one would interleave metrics.jsonl and overwrite the other's checkpoints.
+    Only rank 0 locks (every rank of a DDP job shares the run dir); its refusal stops every rank."""
+    with ExitStack() as held:
+        refusal = None
+        if dist.is_main:
+            try:
+                held.enter_context(exclusive_folder(files.run_dir, "pixelgen train"))
+            except FolderBusy as err:
+                refusal = err
+        if not distributed.all_ok(dist, refusal is None):
+            raise refusal or PixelgenError(f"{files.run_dir} is in use by another job (rank 0 was refused its lock)")
+        yield
 
-    # Phase 2: build everything from the seed, put the saved state back over it, then wrap for training
+
+def _run(config: dict, files: RunFiles, dist: distributed.Dist, stop_at_step: int | None,
+         show_progress: bool, init: dict | None) -> Path:
+    # Phase 1: anything left to do, and may this config (and init source) continue what RUN_DIR holds?
+    if _already_finished(config, files, dist, init):
+        return files.final
+    resume = _load_resumable(config, files, init)
+    _prepare_run_dir(config, files, dist, start_step=resume["step"] if resume else 0)
+
+    # Phase 2: build everything from the seed, put the saved state (or the init weights) over it, then wrap
     trainer = Trainer(config, files, dist)
     resumed = resume is not None
     if resumed:
         trainer.restore(resume)
+    elif init is not None:
+        trainer.start_from(init)
     del resume  # a full checkpoint in host memory (optimizer moments included) is not needed any longer
     trainer.wrap_for_training()
 
     # Phase 3: train, tracked; the MLflow run ends FINISHED, KILLED (preempted/stopped) or FAILED
-    tracker = _start_tracking(config, files, dist, trainer.criterion.encoders_real, resumed=resumed)
+    tracker = _start_tracking(config, files, dist, trainer.criterion.encoders_real, resumed=resumed,
+                              init=trainer.init_from)
     with SigtermFlag() as sigterm, SystemMetrics(tracker), \
             TrainProgress(trainer.total_steps, trainer.step, enabled=show_progress and dist.is_main) as progress:
         status = "FAILED"
@@ -199,10 +273,12 @@ def _run(config: dict, files: RunFiles, dist: distributed.Dist, stop_at_step: in
     return files.final
 
 
-def _already_finished(config: dict, files: RunFiles, dist: distributed.Dist) -> bool:
+def _already_finished(config: dict, files: RunFiles, dist: distributed.Dist, init: dict | None) -> bool:
     if not files.final.exists():
         return False
     saved = checkpoint.load(files.final)
+    refuse_other_config(saved, config, files, files.final)  # "done" must mean done with this config
+    refuse_other_init(saved, init, files, files.final)
     if saved["step"] < config["train"]["steps"]:
         return False  # train.steps was raised: continue from last.pt
     if dist.is_main:
@@ -212,35 +288,55 @@ def _already_finished(config: dict, files: RunFiles, dist: distributed.Dist) -> 
     return True
 
 
-def _load_resumable(config: dict, files: RunFiles) -> dict | None:
-    """last.pt if there is one; refused when it was written under a config that changes the trajectory."""
+def _load_resumable(config: dict, files: RunFiles, init: dict | None) -> dict | None:
+    """last.pt if there is one; refused when it was written under a config that changes the trajectory, or
+    from another --init-from."""
     if not files.last.exists():
         return None
     resume = checkpoint.load(files.last)
-    changed = config_differences(resume["config"], config)
-    if changed:
-        raise PixelgenError(f"{files.run_dir} was started with another config ({', '.join(changed[:5])} differ); "
-                            f"use the same config to resume, or a new --run-dir")
+    refuse_other_config(resume, config, files, files.last)
+    refuse_other_init(resume, init, files, files.last)
     return resume
 
 
-def _prepare_run_dir(config: dict, files: RunFiles, dist: distributed.Dist) -> None:
+def _prepare_run_dir(config: dict, files: RunFiles, dist: distributed.Dist, start_step: int) -> None:
     if dist.is_main:
         files.run_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (files.run_dir, files.checkpoints, files.samples):  # half-written files of killed jobs
+            remove_stale_temps(folder)
         write_atomic(files.config, yaml.safe_dump(config, sort_keys=False))
-        remove_stale_temps(files.checkpoints)  # half-written checkpoints of killed processes
+        _trim_metrics_log(files.metrics, start_step)
+
+
+def _trim_metrics_log(path: Path, start_step: int) -> None:
+    """Drop the lines a killed job logged after its last checkpoint (and a torn last line): the resumed job
+    logs those steps again, and each step must appear once."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _logged_step(line) is not None and _logged_step(line) <= start_step]
+    if kept != lines:
+        write_atomic(path, "".join(kept))
+
+
+def _logged_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _start_tracking(config: dict, files: RunFiles, dist: distributed.Dist, encoders_real: bool,
-                    resumed: bool) -> Tracker:
+                    resumed: bool, init: dict | None) -> Tracker:
     """An MLflow run on rank 0 (a no-op tracker elsewhere); a resumed job continues its previous run."""
     tracker = Tracker(config["tracking"], enabled=dist.is_main)
     previous_run = files.mlflow_run_id.read_text().strip() if resumed and files.mlflow_run_id.exists() else None
     tags = {"variant": config["tracking"]["variant"] or files.run_dir.name, "grid": config["tracking"]["grid"] or "",
             "weights": "real" if encoders_real else "random", "job": "train"}
-    run_id = tracker.start(tags["variant"], flatten(config), tags, resume_run_id=previous_run)
+    params = {**flatten(config), **({f"init_from.{k}": v for k, v in init.items()} if init else {})}
+    run_id = tracker.start(tags["variant"], params, tags, resume_run_id=previous_run)
     if run_id and dist.is_main:
-        files.mlflow_run_id.write_text(run_id)
+        write_atomic(files.mlflow_run_id, run_id)
         tracker.log_artifact(files.config)
         log_dataset(tracker, Path(config["data"]["shards"]) / "manifest.json")
     return tracker
@@ -260,6 +356,7 @@ class Trainer:
         self.device = dist.device
         self.total_steps = self.settings["steps"]
         self.step = self.saved_step = 0
+        self.init_from: dict | None = None  # {"path", "sha256"} of the checkpoint a new run started from
         self._build_networks()
         self._build_optimizer_and_data()
         self.checkpoint_io = self._declare_checkpoint()
@@ -309,6 +406,7 @@ class Trainer:
             Entry("data_per_rank", self.loader.state_dict, self.loader.load_state_dict, per_rank=True),
             Entry("config", lambda: self.config),
             Entry("encoders_real", lambda: self.criterion.encoders_real),
+            Entry("init_from", lambda: self.init_from, lambda v: setattr(self, "init_from", v), optional=True),
             # last, so nothing restored after it can draw from the restored streams
             Entry("rng", lambda: checkpoint.rng_state(self.generator),
                   lambda state: checkpoint.set_rng_state(state, self.generator), per_rank=True),
@@ -321,6 +419,28 @@ class Trainer:
 
     def restore(self, state: dict) -> None:
         self.checkpoint_io.restore(state, self.dist.rank)
+
+    def start_from(self, init: dict) -> None:
+        """A new run from another checkpoint's weights: the network (and the REPA projector when it fits) and
+        the EMA network; step, optimizer, data stream and EMA count start over."""
+        path = Path(init["path"])
+        source = checkpoint.load(path)
+        model, ema = checkpoint.network_weights(source, path)
+        net_only = {k: v for k, v in model.items() if k.startswith("net.")}
+        mine = {k: v for k, v in self.denoiser.state_dict().items() if k.startswith("net.")}
+        mismatch = checkpoint.first_mismatch(net_only, mine) or checkpoint.first_mismatch(ema, self.ema.shadow.state_dict())
+        if mismatch:
+            raise PixelgenError(f"--init-from {path} does not fit this model: {mismatch}"
+                                f"{_model_differences(source, self.config)}; set model.* as in that checkpoint")
+        projector = {k: v for k, v in model.items() if k.startswith("projector.")}
+        fits = checkpoint.first_mismatch(projector, {k: v for k, v in self.denoiser.state_dict().items()
+                                                     if k.startswith("projector.")}) is None
+        if not fits and self.dist.is_main:
+            print(f"--init-from {path}: no REPA projector of this shape there; the projector starts fresh",
+                  file=sys.stderr)
+        self.denoiser.load_state_dict({**self.denoiser.state_dict(), **net_only, **(projector if fits else {})})
+        self.ema.shadow.load_state_dict(ema)
+        self.init_from = init
 
     def wrap_for_training(self) -> None:
         """torch.compile and DDP wrap the denoiser for the forward pass; the unwrapped one is saved."""
@@ -375,12 +495,22 @@ class Trainer:
         return out, grad_norm
 
     def _check_finite(self, terms: dict) -> None:
-        """Stop before a non-finite loss reaches the weights: last.pt then still holds a good state."""
+        """Stop before a non-finite loss reaches the weights (saves check the weights themselves)."""
         bad = [k for k, v in terms.items() if not math.isfinite(v)]
         if bad:
             raise PixelgenError(f"non-finite loss at step {self.step + 1} in term(s) {', '.join(bad)} "
-                                f"({', '.join(f'{k}={terms[k]}' for k in bad)}); {self.files.last} keeps the "
-                                f"last good state (step {self.saved_step}); lower train.lr or check the data")
+                                f"({', '.join(f'{k}={terms[k]}' for k in bad)}); "
+                                f"{self.files.last_saved(self.saved_step)}; lower train.lr or check the data")
+
+    def _check_weights_finite(self) -> None:
+        """A checkpoint never holds inf/nan: an update can break the weights after the step's loss was checked,
+        and a save right after it would replace the good last.pt. Same weights on every rank: all agree."""
+        params = list(self.denoiser.parameters())
+        if torch.stack([torch.isfinite(p).all() for p in params]).all():
+            return
+        name = next(n for n, p in self.denoiser.named_parameters() if not torch.isfinite(p).all())
+        raise PixelgenError(f"non-finite weights at step {self.step} ({name}), not saved; "
+                            f"{self.files.last_saved(self.saved_step)}; lower train.lr or set train.grad_clip")
 
     def _all_ranks_stop(self, asked: bool) -> bool:
         """Under DDP every rank must stop at the same step (a SIGTERM may reach one rank first)."""
@@ -398,11 +528,11 @@ class Trainer:
         self.progress.log(self.step, terms, metrics["images_per_sec"])
         self.tracker.log_metrics(metrics, self.step)
         if self.dist.is_main:  # a plain copy beside the checkpoints, for reports that need no tracking server
-            with open(self.files.metrics, "a") as log:
-                log.write(json.dumps({"step": self.step, **metrics}) + "\n")
+            append_text(self.files.metrics, json.dumps({"step": self.step, **metrics}) + "\n")
 
     def save(self, *paths: Path) -> dict | None:
         """Every rank takes part (the per-rank states are gathered); rank 0 writes and gets the state back."""
+        self._check_weights_finite()
         per_rank = self.checkpoint_io.per_rank_states(self._gather)
         fingerprints = per_rank["rank_fingerprints"]
         if any(f != fingerprints[0] for f in fingerprints):
