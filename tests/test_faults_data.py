@@ -410,3 +410,49 @@ def test_two_shard_jobs_on_one_folder_cannot_run_at_once(tmp_path, demo_src):
         assert "in use" in one_line_error(busy)
     assert not (out / "manifest.json").exists()
     build_shards(demo_src, out, ShardSettings(16), progress=False)  # the lock died with its holder
+
+
+# --- siblings -----------------------------------------------------------------------------------------------------
+
+SLOW_SHARD_JOB = """
+    import os, sys, time
+    from pathlib import Path
+    from pixelgen import shards
+    original = shards.write_shard
+    def slow(job):  # a pool worker busy with a shard when the shard job dies
+        with open(sys.argv[1] + f"/worker-{os.getpid()}", "w"):
+            pass
+        time.sleep(120)
+        return original(job)
+    shards.write_shard = slow
+    shards.build_shards(Path(sys.argv[2]), Path(sys.argv[1]) / "out", shards.ShardSettings(16, shard_size=10),
+                        workers=2, progress=False)
+    """
+
+
+def test_no_shard_worker_outlives_a_killed_shard_job(tmp_path, demo_src):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(SLOW_SHARD_JOB), str(tmp_path), str(demo_src)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        workers = _worker_pids_once_busy(proc, tmp_path)
+        proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        survivors = [p for p in workers if _alive(p)]
+        for pid in survivors:
+            os.kill(pid, signal.SIGKILL)
+        assert not survivors, f"shard workers {survivors} outlived their parent"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_a_damaged_manifest_is_a_one_line_error_naming_it(copy_of_shards):
+    (copy_of_shards / "manifest.json").write_text('{"classes": [')
+    with pytest.raises(PixelgenError, match="manifest.json is not valid JSON"):
+        StreamLoader(copy_of_shards, 8, num_workers=0)
+    line = one_line_error(pixelgen("shard", "--verify", str(copy_of_shards)))
+    assert "manifest.json is not valid JSON" in line

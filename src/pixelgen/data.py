@@ -16,7 +16,6 @@ dry and hang a collective on uneven shards; an epoch that yields nothing is an e
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import hashlib
 import io
@@ -24,8 +23,6 @@ import itertools
 import math
 import os
 import random
-import signal
-import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -34,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .errors import PixelgenError
-from .shards import read_manifest, verify_shards
+from .shards import die_with_parent, read_manifest, verify_shards
 
 # virtual streams per rank, at most: divisible by the usual worker counts (1, 2, 3, 4, 6, 8, 12, 24), so each
 # worker runs only its own streams; with another count, workers share streams and skip each other's batches
@@ -109,17 +106,9 @@ def streams_per_rank(num_shards: int, world_size: int) -> int:
 
 
 def _worker_dies_with_parent(parent_pid: int, worker_id: int) -> None:
-    """DataLoader worker_init_fn: a worker must not outlive the training process, however that ends (SIGKILL
-    included). Linux kills the worker when its parent dies (PR_SET_PDEATHSIG); the pid check catches a
-    parent that died before the request was made, and the stream checks again as it runs (other systems)."""
-    if sys.platform.startswith("linux"):
-        try:
-            PR_SET_PDEATHSIG = 1
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass  # no prctl: the pid checks remain
-    if os.getppid() != parent_pid:
-        os._exit(1)
+    """DataLoader worker_init_fn: a worker must not outlive the training process (see `die_with_parent`); the
+    stream also checks the parent's pid as it runs."""
+    die_with_parent(parent_pid)
 
 
 def _parent_gone(parent_pid: int | None) -> bool:

@@ -279,7 +279,7 @@ def _build_shards_locked(src: Path, out: Path, settings: ShardSettings, listing:
     remove_stale_temps(out)  # half-written tars of a killed run (one job owns OUT, unlike a sample folder)
     settings_path = out / "settings.json"
     if settings_path.exists():
-        existing = json.loads(settings_path.read_text())
+        existing = _read_json(settings_path, f"delete {settings_path} and rerun")
         if existing != wanted:
             changed = sorted(k for k in wanted if existing.get(k) != wanted[k])
             raise PixelgenError(f"{out} holds shards made with other settings or sources ({', '.join(changed)}); "
@@ -298,7 +298,7 @@ def _build_shards_locked(src: Path, out: Path, settings: ShardSettings, listing:
                 write_shard(job)
                 bar.update(1)
         else:
-            with get_context("fork").Pool(workers) as pool:
+            with get_context("fork").Pool(workers, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
                 for _ in pool.imap_unordered(write_shard, jobs):
                     bar.update(1)
 
@@ -336,7 +336,31 @@ def read_manifest(shard_dir: Path) -> dict:
     path = Path(shard_dir) / "manifest.json"
     if not path.is_file():
         raise PixelgenError(f"no manifest.json in {shard_dir}: make the shards with `pixelgen shard SRC {shard_dir}`")
-    return json.loads(path.read_text())
+    return _read_json(path, f"rerun `pixelgen shard` into {shard_dir} to write it again")
+
+
+def _read_json(path: Path, fix: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PixelgenError(f"{path} is not valid JSON ({err}); {fix}") from None
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """In a worker process: end when the parent ends, however it ends (SIGKILL included), so no worker is left
+    running or waiting forever. Linux kills the worker when its parent dies (PR_SET_PDEATHSIG); the pid check
+    catches a parent that died before the request was made."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            import signal
+
+            PR_SET_PDEATHSIG = 1
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # no prctl here: the pid checks remain
+    if os.getppid() != parent_pid:
+        os._exit(1)
 
 
 # Shard folders whose digests matched in this process, keyed by what would change if a file changed: a loader
