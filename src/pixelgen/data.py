@@ -23,6 +23,7 @@ import itertools
 import math
 import os
 import random
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -37,6 +38,8 @@ from .shards import die_with_parent, read_manifest, verify_shards
 # worker runs only its own streams; with another count, workers share streams and skip each other's batches
 MAX_STREAMS = 24
 STREAM_CHOICES = (24, 12, 8, 6, 4, 3, 2, 1)
+# 2: the worker-count-independent order above (1, unrecorded: one stream per worker)
+ORDER_VERSION = 2
 
 
 def _identity(x):
@@ -319,7 +322,7 @@ class StreamLoader:
     def state_dict(self) -> dict:
         # num_workers is recorded for readers only: the order does not depend on it
         return {"batches_consumed": self.batches_consumed, **self._identity_of_order(),
-                "num_workers": self.num_workers}
+                "num_workers": self.num_workers, "order": ORDER_VERSION}
 
     def load_state_dict(self, state: dict) -> None:
         mine = self._identity_of_order()
@@ -328,6 +331,10 @@ class StreamLoader:
         if different:
             raise PixelgenError(f"cannot resume the data stream exactly: {', '.join(different)} changed since the "
                                 f"checkpoint ({ {k: state.get(k) for k in different} } -> { {k: mine[k] for k in different} })")
+        if "order" not in state:
+            print("warning: this checkpoint's data position is from the earlier, worker-dependent stream order: "
+                  "the resumed run continues with the same data but not the exact batches it would have seen",
+                  file=sys.stderr)
         self.batches_consumed = state["batches_consumed"]
         self._iterator = None
 
