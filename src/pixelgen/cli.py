@@ -64,9 +64,13 @@ def add_shard(sub) -> None:
                                    "center crop), convert to RGB and write WebDataset tar shards plus "
                                    "OUT/manifest.json. Unreadable files are rejected and listed. Rerunning after "
                                    "a kill finishes only the missing shards.")
-    s.add_argument("src", help="ImageFolder root: SRC/<class>/<image> (ImageNet's train folder works as is)")
-    s.add_argument("out", help="output folder for shard-*.tar and manifest.json")
-    s.add_argument("--resolution", type=int, required=True, help="output size in pixels (e.g. 256)")
+    s.add_argument("src", nargs="?", help="ImageFolder root: SRC/<class>/<image> (ImageNet's train folder works as is)")
+    s.add_argument("out", nargs="?", help="output folder for shard-*.tar and manifest.json")
+    s.add_argument("--verify", metavar="OUT", help="only check the shards in OUT against its manifest "
+                   "(presence, counts, sha256) and exit non-zero naming the first bad shard")
+    s.add_argument("--resolution", type=int, help="output size in pixels (e.g. 256); required to shard")
+    s.add_argument("--min-images", type=int, default=1,
+                   help="fail (after writing the manifest) with fewer usable images (default 1: an empty set fails)")
     s.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
     s.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
     s.add_argument("--format", choices=["png", "jpeg", "npy"], default="png",
@@ -79,12 +83,18 @@ def add_shard(sub) -> None:
 
 
 def run_shard(args) -> int:
-    from .shards import ShardSettings, build_shards
+    from .shards import ShardSettings, build_shards, verify_shards
 
+    if args.verify:
+        manifest = verify_shards(Path(args.verify), digests=True)
+        print(f"{args.verify}: {len(manifest['shards'])} shards, {manifest['num_samples']} samples, all digests match")
+        return 0
+    if not (args.src and args.out and args.resolution):
+        raise PixelgenError("pixelgen shard needs SRC OUT --resolution N (or --verify OUT)", exit_code=2)
     settings = ShardSettings(resolution=args.resolution, shard_size=args.shard_size, image_format=args.format,
                              quality=args.quality, seed=args.seed)
     manifest = build_shards(Path(args.src), Path(args.out), settings, workers=args.workers, strict=args.strict,
-                            progress=not args.quiet)
+                            progress=not args.quiet, min_images=args.min_images)
     print(f"{manifest['num_samples']} images in {len(manifest['shards'])} shards -> {args.out}/manifest.json; "
           f"{len(manifest['rejected'])} rejected")
     for rejected in manifest["rejected"][:10]:

@@ -53,7 +53,7 @@ class Preempted(PixelgenError):
 
 # keys that may change between a run and its resumption without changing the trajectory
 RESUMABLE_CHANGES = ("tracking.", "train.ckpt_every", "train.log_every", "train.sample_every", "train.steps",
-                     "data.workers")
+                     "data.workers", "data.shards")
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
@@ -389,6 +389,7 @@ class Trainer:
                                    shuffle_buffer=data["shuffle_buffer"], flip=data["flip"], rank=dist.rank,
                                    world_size=dist.world_size, device=self.device,
                                    pin_memory=self.device.type == "cuda")
+        self.loader.check_num_classes(self.config["model"]["num_classes"])  # data.py: names the fix
 
     def _declare_checkpoint(self) -> CheckpointIO:
         # Per rank: its RNG, so each resumes its own stream; its adaptive weight (computed from local grads); its
