@@ -415,3 +415,21 @@ def test_the_init_source_is_an_mlflow_param(setup):
     run = MlflowClient(tracking_uri=uri).get_run((tmp / "tuned/mlflow_run_id").read_text().strip())
     assert run.data.params["init_from.path"] == str((source / "checkpoints/final.pt").resolve())
     assert run.data.params["init_from.sha256"] == checkpoint_digest(source / "checkpoints/final.pt")
+
+
+def test_sigterm_stops_training_even_when_no_step_boundary_comes():
+    """A hung data read must not make a job deaf to SIGTERM: the grace period ends it, a second SIGTERM at once."""
+    from pixelgen.train import Preempted, SigtermFlag
+
+    before = signal.getsignal(signal.SIGTERM)
+    for second_signal, grace in ((False, 0.3), (True, 60.0)):
+        start = time.monotonic()
+        with pytest.raises(Preempted, match="without saving"):
+            with SigtermFlag(grace_s=grace) as flag:
+                os.kill(os.getpid(), signal.SIGTERM)
+                assert flag.raised
+                if second_signal:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(30)  # stands for a step that never ends
+        assert time.monotonic() - start < 5
+    assert signal.getsignal(signal.SIGTERM) == before and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)

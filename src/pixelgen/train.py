@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -135,21 +136,40 @@ def ema_sample_grid(model, cfg: dict, device, count: int, steps: int, path: Path
 
 
 class SigtermFlag:
-    """Turns SIGTERM into a flag the loop checks after each step, so the state is saved at a step boundary."""
+    """Turns SIGTERM into a flag the loop checks after each step, so the state is saved at a step boundary.
 
-    def __init__(self):
+    A step boundary may never come (a data read hung on a network file system, a stuck collective), so the
+    flag alone could make a job ignore SIGTERM: a second SIGTERM, or `grace_s` seconds without reaching a
+    boundary (SIGALRM), stops the job at once without saving; last.pt keeps the last periodic state.
+    Slurm's `--signal=TERM@300` leaves 300 s before the kill, hence the 240 s default.
+    """
+
+    def __init__(self, grace_s: float | None = None):
         self.raised = False
-        self._previous = None
+        env = os.environ.get("PIXELGEN_SIGTERM_GRACE_S")
+        self.grace_s = grace_s if grace_s is not None else float(env) if env else 240.0
+        self._previous: dict = {}
 
     def __enter__(self):
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        for sig, handler in ((signal.SIGTERM, self._handle), (signal.SIGALRM, self._grace_over)):
+            self._previous[sig] = signal.signal(sig, handler)
         return self
 
     def _handle(self, signum, frame):
+        if self.raised:
+            raise Preempted("a second SIGTERM: stopped at once without saving; "
+                            "rerun the same command to resume from last.pt")
         self.raised = True
+        signal.setitimer(signal.ITIMER_REAL, self.grace_s)
+
+    def _grace_over(self, signum, frame):
+        raise Preempted(f"SIGTERM: no step boundary within {self.grace_s:g} s (data or a collective hung?), "
+                        f"stopped without saving; rerun the same command to resume from last.pt")
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self._previous)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
         return False
 
 
