@@ -158,9 +158,8 @@ def test_scoring_an_unfinished_folder_is_refused(setup, tmp_path):
 
 def test_a_shard_that_does_not_match_samples_json_is_refused_naming_it(setup, tmp_path):
     out = copy_folder(setup["samples"], tmp_path / "s")
-    other = tmp_path / "other"
-    sample(setup["a"], other, "--seed", "1")
-    shutil.copy(other / "samples-000002.tar", out / "samples-000002.tar")  # same name and count, other images
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    sample_folder.write_shard(out / "samples-000002.tar", list(range(16, 20)), images, [6, 7, 8, 9])  # same count
     with pytest.raises(PixelgenError, match="samples-000002.tar"):
         score_in_process(out, setup, tmp_path)
 
