@@ -239,3 +239,9 @@ def test_metrics_name_the_samples_and_checkpoint_they_were_computed_from(setup, 
     m = score_in_process(setup["samples"], setup, tmp_path)
     manifest = json.loads((setup["samples"] / "samples.json").read_text())
     assert m["samples"] == str(setup["samples"]) and m["sampling"]["ckpt_digest"] == manifest["ckpt_digest"]
+
+
+def test_a_folder_from_before_checkpoints_were_identified_is_not_resumed(tmp_path):
+    (tmp_path / "settings.json").write_text(json.dumps({"steps": 3, "ckpt_step": 2}))
+    with pytest.raises(PixelgenError, match="older pixelgen.*--out"):
+        sample_folder.check_settings(tmp_path, {"steps": 3, "ckpt_step": 2, "ckpt_digest": "abc"}, write=True)

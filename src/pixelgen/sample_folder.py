@@ -83,7 +83,7 @@ def differences(recorded: dict, identity: dict) -> list[str]:
 
 def mismatch_message(out: Path, recorded: dict, identity: dict, keys: list[str]) -> str:
     fix = f"use a new --out, or delete {out} to resample"
-    if "ckpt_digest" not in recorded:
+    if "ckpt_digest" in keys and "ckpt_digest" not in recorded:
         return (f"{out} was sampled by an older pixelgen that did not record which weights its shards come from, "
                 f"so they cannot be reused safely; {fix}")
     if "ckpt_digest" in keys or "ckpt_step" in keys:
