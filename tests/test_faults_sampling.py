@@ -245,3 +245,13 @@ def test_a_folder_from_before_checkpoints_were_identified_is_not_resumed(tmp_pat
     (tmp_path / "settings.json").write_text(json.dumps({"steps": 3, "ckpt_step": 2}))
     with pytest.raises(PixelgenError, match="older pixelgen.*--out"):
         sample_folder.check_settings(tmp_path, {"steps": 3, "ckpt_step": 2, "ckpt_digest": "abc"}, write=True)
+
+
+def test_scoring_with_another_inception_network_than_the_reference_is_refused(setup, tmp_path):
+    from pixelgen import weights
+
+    weights.init_random(tmp_path / "w", ["inception"], seed=1)  # a weight file, but not the reference's network
+    result = pixelgen("score", str(setup["samples"]), "--ref", str(setup["ref"]), "--out", str(tmp_path / "m.json"),
+                      "--weights-dir", str(tmp_path / "w"), "--quiet")
+    one_line_error(result, str(setup["ref"]), "Inception", "--weights-dir")
+    assert not (tmp_path / "m.json").exists()

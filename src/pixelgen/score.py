@@ -24,7 +24,7 @@ import torch
 from . import metrics, sample_folder
 from .errors import PixelgenError
 from .files import write_atomic, write_json_atomic
-from .inception import build_inception, inception_outputs
+from .inception import build_inception, inception_outputs, network_digest
 
 MAX_PR_FEATURES = 10_000  # the ADM suite uses 10K reference images for precision/recall
 PR_K = 3  # precision/recall's k-th nearest neighbour
@@ -72,7 +72,7 @@ def ref_stats(shard_dir: Path, out: Path, *, batch_size: int = 100, limit: int |
     write_atomic(out, lambda f: np.savez(f, mu=stats["mu"], sigma=stats["sigma"], mu_s=spatial["mu"],
                                          sigma_s=spatial["sigma"], features=feats[keep], num=len(feats),
                                          weights_real=real, source=str(shard_dir),
-                                         image_size=stream.resolution))
+                                         image_size=stream.resolution, inception_sha256=network_digest(net)))
     return {"num": len(feats), "weights_real": real}
 
 
@@ -161,6 +161,18 @@ def check_comparable(samples: SampleSet, ref: Path, data: dict, kind: str) -> No
                             f"{MIN_IMAGES}: remake it from more images")
 
 
+def check_same_network(ref: Path, data: dict, net, real: bool) -> None:
+    """Refuse to measure samples with another Inception than the one a ref-stats file was measured with."""
+    if "inception_sha256" not in data:  # the ADM batch, or a ref-stats file from before this was recorded
+        return
+    recorded, ours = str(data["inception_sha256"]), network_digest(net)
+    if recorded != ours:
+        which = "the published" if real else "a random (not the published)"
+        raise PixelgenError(f"{ref} was measured with another Inception network (weights {recorded[:12]}) than "
+                            f"this score's, {which} one ({ours[:12]}); score with the --weights-dir / "
+                            f"--allow-random-weights that ref-stats used, or remake {ref}")
+
+
 def load_reference(ref: Path, data: dict, kind: str, net, device, batch_size: int, progress: bool) -> dict:
     """The statistics of our ref-stats file, or of the ADM reference batch (VIRTUAL_imagenet256_labeled.npz:
     arr_0 images, mu, sigma, and mu_s, sigma_s for sFID). "spatial" is None for a ref-stats file made before
@@ -189,6 +201,7 @@ def score(samples: Path, ref: Path, out: Path, *, batch_size: int = 100, weights
     check_comparable(sample_set, Path(ref), data, kind)
     dev = pick_device(device, 0)
     net, real = build_inception(weights_dir, allow_random, dev)
+    check_same_network(Path(ref), data, net, real)
     reference = load_reference(Path(ref), data, kind, net, dev, batch_size, progress)
     outputs = inception_outputs(net, sample_set.batches(batch_size), dev, sample_set.count, progress, "score")
     manifest = sample_set.manifest
