@@ -104,7 +104,7 @@ def check_settings(out: Path, identity: dict, write: bool) -> None:
         raise PixelgenError(f"{out} holds sample shards but no {SETTINGS}, so their checkpoint and settings are "
                             f"unknown; use a new --out, or delete the shards in {out} to resample")
     if write:
-        recorded = record_once(path, {**identity})
+        recorded = record_once(path, identity)
     elif path.exists():
         recorded = json.loads(path.read_text())
     else:
