@@ -200,10 +200,11 @@ def test_fewer_samples_than_precision_recall_needs_is_a_one_line_error(setup, tm
     assert "kthvalue" not in line
 
 
-def test_ref_stats_of_too_few_images_is_a_one_line_error(setup, tmp_path):
-    result = pixelgen("ref-stats", str(setup["shards"]), "--out", str(tmp_path / "r.npz"), "--max", "3",
+@pytest.mark.parametrize("max_images", ["3", "0"])  # --max 0 once meant "no limit" to one line and 0 to another
+def test_ref_stats_of_too_few_images_is_a_one_line_error(setup, tmp_path, max_images):
+    result = pixelgen("ref-stats", str(setup["shards"]), "--out", str(tmp_path / "r.npz"), "--max", max_images,
                       "--allow-random-weights", "--quiet")
-    one_line_error(result, "3 images", "at least 4")
+    one_line_error(result, f"{max_images} images", "at least 4")
     assert not (tmp_path / "r.npz").exists()
 
 

@@ -56,13 +56,14 @@ def ref_stats(shard_dir: Path, out: Path, *, batch_size: int = 100, limit: int |
     from .data import ShardStream
     from .distributed import pick_device
 
-    dev = pick_device(device, 0)
-    net, real = build_inception(weights_dir, allow_random, dev)
     stream = ShardStream(shard_dir, 1)
-    total = min(stream.num_samples, limit) if limit else stream.num_samples
+    # `is not None`: --max 0 is zero images (refused below), not "no limit"
+    total = min(stream.num_samples, limit) if limit is not None else stream.num_samples
     if total < MIN_IMAGES:
         raise PixelgenError(f"reference statistics of {total} images: precision/recall (k = {PR_K}) needs at least "
                             f"{MIN_IMAGES}; use a larger --max or more images in {shard_dir}")
+    dev = pick_device(device, 0)
+    net, real = build_inception(weights_dir, allow_random, dev)
     outputs = inception_outputs(net, shard_batches(Path(shard_dir), batch_size, limit), dev, total, progress,
                                 "ref-stats")
     feats = outputs.features
