@@ -145,7 +145,9 @@ def add_sample(sub) -> None:
                         description="Sample --num class-balanced images (image i has class i %% C and noise "
                                     "seeded by i) with the checkpoint's EMA weights. Settings: the checkpoint's "
                                     "sampling section, then --config's, then --set sampling.*, then the explicit "
-                                    "flags. Resumable; split across jobs with --part; multi-GPU under torchrun.")
+                                    "flags. Resumable; split across jobs with --part; multi-GPU under torchrun. "
+                                    "A folder holds the samples of one checkpoint with one set of settings: a "
+                                    "rerun that differs is refused, naming what differs; one job per part.")
     sp.add_argument("--ckpt", required=True, help="a checkpoint written by pixelgen train")
     sp.add_argument("--num", type=int, required=True, help="number of images (50000 for the ImageNet evaluation)")
     sp.add_argument("--out", required=True, help="output folder (samples-*.tar, samples.json)")

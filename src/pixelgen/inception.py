@@ -43,6 +43,21 @@ def build_inception(weights_dir: str | None, allow_random: bool, device) -> tupl
     return net.eval().to(device), real
 
 
+@torch.no_grad()
+def network_digest(net: torch.nn.Module) -> str:
+    """sha256 of the network's weights and buffers: ref-stats records it, and score measures the samples with the
+    same network or not at all (features of two networks are not comparable, whatever their labels say)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(net.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        if t.numel():
+            digest.update(t.view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def _inception_from_state(state: dict):
     import tempfile
 

@@ -7,16 +7,24 @@ after a kill writes only the missing shards. When every shard exists, the job wr
 samples.npz in the ADM evaluator's format with --npz); running the command again once all parts are done is
 the "gather" step of a scattered sampling job. The folder's layout, writers and readers: sample_folder.py.
 Temp files of killed runs are not swept here: parts on other hosts may be writing into the same folder.
+
+A folder holds the samples of one checkpoint and one set of settings (sample_folder.check_settings): the
+checkpoint is identified by its step and a sha256 of its EMA weights and model config, so a retrain that reaches
+the same step is another checkpoint, and a copy of the file elsewhere is the same one. The digest is of the
+weights already loaded for sampling (a pass over their bytes, ~1 s per GB), not of the file: it needs no cache,
+and it holds for checkpoints without a training run (import-official). Each part holds a lock for its run.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import checkpoint, distributed, sample_folder
+from .locks import exclusive_folder
 from .config import section_over
 from .errors import PixelgenError
 from .images import to_uint8
@@ -48,6 +56,20 @@ def load_ema_model(ckpt_path: Path):
     model = build_model(state["config"]["model"])
     model.load_state_dict(state["ema"]["shadow"])
     return model.eval().requires_grad_(False), state
+
+
+def weights_digest(state: dict) -> str:
+    """sha256 of the model config and of every EMA tensor's name, dtype, shape and bytes, in name order."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(state["config"]["model"], sort_keys=True).encode())
+    for name, tensor in sorted(state["ema"]["shadow"].items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        if t.numel():
+            digest.update(t.view(-1).view(torch.uint8).numpy())  # the bytes in place, no copy
+    return digest.hexdigest()
 
 
 def sampling_settings(state: dict, sc: dict, *, sampler, steps, cfg, interval, shift, seed, num,
@@ -84,6 +106,41 @@ def sample_images(model, indices: list[int], settings: dict, batch_size: int, de
     return np.concatenate(arrays), labels
 
 
+def sample_part(model, state: dict, settings: dict, identity: dict, ckpt: Path, out: Path, part_index: int,
+                parts: int, d, batch_size: int, npz: bool, progress: bool) -> dict | None:
+    """Sample the missing shards of this part (and this rank); the manifest once every shard exists."""
+    num, shard_size = settings["num"], settings["shard_size"]
+    n_shards = (num + shard_size - 1) // shard_size
+    mine = [k for k in range(n_shards) if k % parts == part_index][d.rank::d.world_size]
+    done = [k for k in mine if sample_folder.shard_path(out, k).exists()]
+    sizes = {k: len(shard_indices(k, shard_size, num)) for k in mine}
+    with progress_bar(sum(sizes.values()), "sample", initial=sum(sizes[k] for k in done), every=0,
+                      enabled=progress and d.is_main) as bar:
+        for k in mine:
+            if k in done:
+                continue
+            indices = shard_indices(k, shard_size, num)
+            images, labels = sample_images(model, indices, settings, batch_size, d.device, bar)
+            sample_folder.write_shard(sample_folder.shard_path(out, k), indices, images, labels)
+            done.append(k)
+            bar.log(f"shard {len(done)}/{len(mine)} done")
+    distributed.barrier(d)
+    if not d.is_main or not all(sample_folder.shard_path(out, k).exists() for k in range(n_shards)):
+        return None
+    shards = [sample_folder.SHARD.format(k) for k in range(n_shards)]
+    manifest = {**identity, "ckpt": str(ckpt), "num_classes": model.cfg.num_classes,
+                "image_size": model.cfg.image_size,
+                "nfe_per_image": evaluations(settings["sampler"], settings["steps"]),
+                "shards": shards, "shard_sha256": sample_folder.shard_digests(out, shards),
+                "encoders_real": bool(state.get("encoders_real", False)),
+                "run_dir": str(Path(ckpt).resolve().parent.parent),
+                "tracking_uri": state["config"]["tracking"]["uri"]}
+    if npz:
+        manifest["npz"] = sample_folder.write_npz(out, [out / name for name in shards])
+    sample_folder.write_manifest(out, manifest)
+    return manifest
+
+
 def run_sampling(ckpt: Path, num: int, out: Path, *, sampler: str | None = None, steps: int | None = None,
                  cfg: float | None = None, interval: tuple[float, float] | None = None, shift: float | None = None,
                  batch_size: int = 64, shard_size: int = 1000, part: str = "0/1", seed: int = 0, npz: bool = False,
@@ -94,6 +151,7 @@ def run_sampling(ckpt: Path, num: int, out: Path, *, sampler: str | None = None,
     the explicit arguments."""
     if num < 1 or batch_size < 1 or shard_size < 1:
         raise PixelgenError("--num, --batch-size and --shard-size must be >= 1", exit_code=2)
+    part_index, parts = parse_part(part)
     d = distributed.init(device)
     try:
         model, state = load_ema_model(Path(ckpt))
@@ -102,38 +160,14 @@ def run_sampling(ckpt: Path, num: int, out: Path, *, sampler: str | None = None,
         settings = sampling_settings(state, sc, sampler=sampler, steps=steps, cfg=cfg, interval=interval,
                                      shift=shift, seed=seed, num=num, shard_size=shard_size)
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        identity = {**settings, "ckpt_step": state["step"]}
-        sample_folder.check_settings(out, identity, write=d.is_main)
-
-        part_index, parts = parse_part(part)
-        n_shards = (num + shard_size - 1) // shard_size
-        mine = [k for k in range(n_shards) if k % parts == part_index][d.rank::d.world_size]
-        done = [k for k in mine if sample_folder.shard_path(out, k).exists()]
-        sizes = {k: len(shard_indices(k, shard_size, num)) for k in mine}
-        with progress_bar(sum(sizes.values()), "sample", initial=sum(sizes[k] for k in done), every=0,
-                          enabled=progress and d.is_main) as bar:
-            for k in mine:
-                if k in done:
-                    continue
-                indices = shard_indices(k, shard_size, num)
-                images, labels = sample_images(model, indices, settings, batch_size, d.device, bar)
-                sample_folder.write_shard(sample_folder.shard_path(out, k), indices, images, labels)
-                done.append(k)
-                bar.log(f"shard {len(done)}/{len(mine)} done")
-        distributed.barrier(d)
-        if not d.is_main or not all(sample_folder.shard_path(out, k).exists() for k in range(n_shards)):
-            return None
-        manifest = {**identity, "ckpt": str(ckpt), "num_classes": model.cfg.num_classes,
-                    "image_size": model.cfg.image_size,
-                    "nfe_per_image": evaluations(settings["sampler"], settings["steps"]),
-                    "shards": [sample_folder.SHARD.format(k) for k in range(n_shards)],
-                    "encoders_real": bool(state.get("encoders_real", False)),
-                    "run_dir": str(Path(ckpt).resolve().parent.parent),
-                    "tracking_uri": state["config"]["tracking"]["uri"]}
-        if npz:
-            manifest["npz"] = sample_folder.write_npz(out)
-        sample_folder.write_manifest(out, manifest)
-        return manifest
+        # one job per part: the main process holds the part's lock (another job's main process is refused, and
+        # torchrun then stops that job's other ranks)
+        lock = (exclusive_folder(sample_folder.part_lock_folder(out, part_index, parts), f"sample --part {part}")
+                if d.is_main else nullcontext())
+        with lock:
+            identity = {**settings, "ckpt_step": state["step"], "ckpt_digest": weights_digest(state)}
+            sample_folder.check_settings(out, {**identity, "ckpt": str(ckpt)}, write=d.is_main)
+            return sample_part(model, state, settings, identity, ckpt, out, part_index, parts, d, batch_size,
+                               npz, progress)
     finally:
         distributed.shutdown()
