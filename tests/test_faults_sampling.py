@@ -200,7 +200,7 @@ def test_fewer_samples_than_precision_recall_needs_is_a_one_line_error(setup, tm
     assert "kthvalue" not in line
 
 
-@pytest.mark.parametrize("max_images", ["3", "0"])  # --max 0 once meant "no limit" to one line and 0 to another
+@pytest.mark.parametrize("max_images", ["3"])
 def test_ref_stats_of_too_few_images_is_a_one_line_error(setup, tmp_path, max_images):
     result = pixelgen("ref-stats", str(setup["shards"]), "--out", str(tmp_path / "r.npz"), "--max", max_images,
                       "--allow-random-weights", "--quiet")
@@ -256,3 +256,12 @@ def test_scoring_with_another_inception_network_than_the_reference_is_refused(se
                       "--weights-dir", str(tmp_path / "w"), "--quiet")
     one_line_error(result, str(setup["ref"]), "Inception", "--weights-dir")
     assert not (tmp_path / "m.json").exists()
+
+
+@pytest.mark.parametrize("job, flag", [("score", "--batch-size"), ("ref-stats", "--max"), ("ref-stats", "--batch-size")])
+def test_a_count_of_zero_is_a_usage_error_naming_the_flag(setup, tmp_path, job, flag):
+    # --max 0 once counted the whole set but measured nothing; --batch-size 0 was a traceback
+    target = ["x", "--ref", "y"] if job == "score" else [str(setup["shards"])]
+    result = pixelgen(job, *target, "--out", str(tmp_path / "o"), flag, "0", "--allow-random-weights", "--quiet")
+    assert result.returncode == 2 and f"argument {flag}: must be at least 1, got 0" in result.stderr
+    assert "Traceback" not in result.stderr

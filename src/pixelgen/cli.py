@@ -12,6 +12,17 @@ from pathlib import Path
 from .errors import PixelgenError
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts and sizes: a batch of 0 images would divide by zero or loop forever later."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML config merged over the packaged defaults")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.SUB=VALUE",
@@ -26,7 +37,7 @@ def add_sampling_section_args(parser: argparse.ArgumentParser, base: str) -> Non
 
 
 def add_inception_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-size", type=int, default=100, help="images per Inception pass (default 100)")
+    parser.add_argument("--batch-size", type=positive_int, default=100, help="images per Inception pass (default 100)")
     parser.add_argument("--weights-dir", help="weights directory (default: $PIXELGEN_WEIGHTS or ~/.cache/pixelgen/weights)")
     parser.add_argument("--allow-random-weights", action="store_true",
                         help="without the Inception file, use a random Inception (demo/tests); results are labelled")
@@ -41,8 +52,8 @@ def add_demo_data(sub) -> None:
                                    "needs no download; deterministic for a seed. Existing files are kept.")
     d.add_argument("out", help="output folder (OUT/<class>/<image>.png)")
     d.add_argument("--resolution", type=int, default=32, choices=[32, 64], help="image size (default 32)")
-    d.add_argument("--per-class", type=int, default=300, help="images per class (default 300)")
-    d.add_argument("--classes", type=int, default=10, help="number of classes, at most 10 (default 10)")
+    d.add_argument("--per-class", type=positive_int, default=300, help="images per class (default 300)")
+    d.add_argument("--classes", type=positive_int, default=10, help="number of classes, at most 10 (default 10)")
     d.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=run_demo_data)
@@ -71,11 +82,11 @@ def add_shard(sub) -> None:
     s.add_argument("--resolution", type=int, help="output size in pixels (e.g. 256); required to shard")
     s.add_argument("--min-images", type=int, default=1,
                    help="fail (after writing the manifest) with fewer usable images (default 1: an empty set fails)")
-    s.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
-    s.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
+    s.add_argument("--shard-size", type=positive_int, default=1000, help="images per shard (default 1000)")
+    s.add_argument("--workers", type=positive_int, default=1, help="parallel processes (default 1)")
     s.add_argument("--format", choices=["png", "jpeg", "npy"], default="png",
                    help="png (lossless, default), jpeg (smaller, lossy) or npy (lossless raw pixels, fastest to read)")
-    s.add_argument("--quality", type=int, default=95, help="JPEG quality with --format jpeg (default 95)")
+    s.add_argument("--quality", type=positive_int, default=95, help="JPEG quality with --format jpeg (default 95)")
     s.add_argument("--seed", type=int, default=0, help="seed of the sample order (default 0)")
     s.add_argument("--strict", action="store_true", help="stop at the first unreadable file instead of rejecting")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -149,16 +160,16 @@ def add_sample(sub) -> None:
                                     "A folder holds the samples of one checkpoint with one set of settings: a "
                                     "rerun that differs is refused, naming what differs; one job per part.")
     sp.add_argument("--ckpt", required=True, help="a checkpoint written by pixelgen train")
-    sp.add_argument("--num", type=int, required=True, help="number of images (50000 for the ImageNet evaluation)")
+    sp.add_argument("--num", type=positive_int, required=True, help="number of images (50000 for the ImageNet evaluation)")
     sp.add_argument("--out", required=True, help="output folder (samples-*.tar, samples.json)")
     add_sampling_section_args(sp, "the checkpoint's")
     sp.add_argument("--sampler", choices=["euler", "heun"], help="ODE solver (default: from the checkpoint config)")
-    sp.add_argument("--steps", type=int, help="solver steps (Heun-50 = 99 evaluations)")
+    sp.add_argument("--steps", type=positive_int, help="solver steps (Heun-50 = 99 evaluations)")
     sp.add_argument("--cfg", type=float, help="guidance scale (1.0 = no unconditional pass)")
     sp.add_argument("--interval", type=float, nargs=2, metavar=("LO", "HI"), help="guidance only for LO < t <= HI")
     sp.add_argument("--shift", type=float, help="time shift of the sampling grid")
-    sp.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    sp.add_argument("--shard-size", type=int, default=1000, help="images per output shard (default 1000)")
+    sp.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (default 64)")
+    sp.add_argument("--shard-size", type=positive_int, default=1000, help="images per output shard (default 1000)")
     sp.add_argument("--part", default="0/1", help="i/n: do only shards k with k %% n == i (scatter across jobs)")
     sp.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     sp.add_argument("--npz", action="store_true", help="also write samples.npz in the ADM evaluator's format")
@@ -191,7 +202,7 @@ def add_ref_stats(sub) -> None:
                                    "covariance of the spatial mixed_6/conv features (sFID), saved as .npz.")
     r.add_argument("shards", help="a folder made by pixelgen shard")
     r.add_argument("--out", required=True, help="output .npz")
-    r.add_argument("--max", type=int, help="use at most this many images")
+    r.add_argument("--max", type=positive_int, help="use at most this many images")
     add_inception_args(r)
     r.set_defaults(func=run_ref_stats)
 
