@@ -22,7 +22,7 @@ from pixelgen.config import load_config
 from pixelgen.losses import PixelGenLoss
 from pixelgen.denoiser import build_denoiser
 from pixelgen.model import build_model, model_config
-from pixelgen.sampling import sample
+from pixelgen.solvers import sample
 
 
 def time_it(fn, repeats: int, warmup: int = 1) -> float:
@@ -60,14 +60,14 @@ def train_step_time(overrides, batch, repeats):
     return seconds, step().terms["gated_fraction"]
 
 
-def sampling_time(cfg_scale, interval, batch, steps, repeats):
+def sampling_time(guidance, interval, batch, steps, repeats):
     torch.manual_seed(0)
     cfg = load_config()
     model = build_model(cfg["model"]).eval()
     size = model.cfg.image_size
     noise = torch.randn(batch, 3, size, size)
     y = torch.randint(0, model.cfg.num_classes, (batch,))
-    return time_it(lambda: sample(model, noise, y, sampler="euler", steps=steps, cfg=cfg_scale, interval=interval,
+    return time_it(lambda: sample(model, noise, y, sampler="euler", steps=steps, guidance=guidance, interval=interval,
                                   null_class=model.null_class), repeats)
 
 
@@ -94,13 +94,13 @@ def main():
     print(f"ratio perceptual part gate0.3/gate0.0  : {(gate3_s - none_s) / (gate0_s - none_s):.2f} "
           f"(expected ~ gated fraction {frac3:.2f})")
 
-    g1 = sampling_time(1.0, (0.1, 0.9), args.sample_batch, args.sample_steps, args.repeats)
-    g15 = sampling_time(1.5, (0.1, 0.9), args.sample_batch, args.sample_steps, args.repeats)
-    g15_full = sampling_time(1.5, (0.0, 1.0), args.sample_batch, args.sample_steps, args.repeats)
+    g1 = sampling_time(1.0, (0.1, 0.9), args.sample_batch, args.preview_steps, args.repeats)
+    g15 = sampling_time(1.5, (0.1, 0.9), args.sample_batch, args.preview_steps, args.repeats)
+    g15_full = sampling_time(1.5, (0.0, 1.0), args.sample_batch, args.preview_steps, args.repeats)
     n = args.sample_batch
-    print(f"sampling Euler-{args.sample_steps}, guidance 1.0          : {g1:6.2f} s ({n / g1:6.1f} img/s)")
-    print(f"sampling Euler-{args.sample_steps}, guidance 1.5 (0.1,0.9]: {g15:6.2f} s ({n / g15:6.1f} img/s)")
-    print(f"sampling Euler-{args.sample_steps}, guidance 1.5 (0,1]    : {g15_full:6.2f} s ({n / g15_full:6.1f} img/s)")
+    print(f"sampling Euler-{args.preview_steps}, guidance 1.0          : {g1:6.2f} s ({n / g1:6.1f} img/s)")
+    print(f"sampling Euler-{args.preview_steps}, guidance 1.5 (0.1,0.9]: {g15:6.2f} s ({n / g15:6.1f} img/s)")
+    print(f"sampling Euler-{args.preview_steps}, guidance 1.5 (0,1]    : {g15_full:6.2f} s ({n / g15_full:6.1f} img/s)")
     print(f"ratio guidance1/guidance1.5 interval   : {g1 / g15:.2f} (expected 1/1.8 = 0.56: 80% of steps doubled)")
     print(f"ratio guidance1/guidance1.5 full       : {g1 / g15_full:.2f} (expected 0.5)")
 

@@ -20,7 +20,7 @@ from pixelgen.config import load_config
 from pixelgen.losses import PixelGenLoss
 from pixelgen.denoiser import build_denoiser
 from pixelgen.model import build_model, model_config
-from pixelgen.sampling import sample
+from pixelgen.solvers import sample
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM
 

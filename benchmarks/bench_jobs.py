@@ -17,7 +17,7 @@ import torch
 
 from pixelgen.config import load_config
 from pixelgen.model import build_model
-from pixelgen.sampling import sample
+from pixelgen.solvers import sample
 from pixelgen.score import build_inception, inception_outputs
 
 
@@ -37,12 +37,12 @@ def main():
     print(f"# jobs benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, tiny JiT {size} px, "
           f"{args.num} images, batch {args.batch}")
     timings = {}
-    for name, sampler, cfg in [("euler", "euler", 1.0), ("heun", "heun", 1.0), ("euler_cfg1.5", "euler", 1.5)]:
+    for name, sampler, guidance in [("euler", "euler", 1.0), ("heun", "heun", 1.0), ("euler_cfg1.5", "euler", 1.5)]:
         start = time.perf_counter()
         for i in range(0, args.num, args.batch):
             noise = torch.randn(args.batch, 3, size, size)
             y = torch.arange(args.batch) % model.cfg.num_classes
-            sample(model, noise, y, sampler=sampler, steps=args.steps, cfg=cfg, interval=(0.1, 0.9),
+            sample(model, noise, y, sampler=sampler, steps=args.steps, guidance=guidance, interval=(0.1, 0.9),
                    null_class=model.null_class)
         timings[name] = time.perf_counter() - start
         print(f"sample {name:13s} {args.steps} steps : {args.num / timings[name]:7.1f} img/s")

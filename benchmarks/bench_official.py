@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--size", default="XL/16", choices=list(SIZES))
     parser.add_argument("--num", type=int, default=1000, help="images to sample (default 1000)")
     parser.add_argument("--steps", type=int, default=50, help="Heun steps (default 50 = 99 evaluations)")
-    parser.add_argument("--cfg", type=float, default=1.0, help="guidance scale (2.25 for the 160-epoch model)")
+    parser.add_argument("--guidance", type=float, default=1.0, help="guidance scale (2.25 for the 160-epoch model)")
     parser.add_argument("--batch-size", type=int, default=125)
     parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = parser.parse_args()
@@ -49,13 +49,13 @@ def main() -> None:
         torch.save(release_format(JiT(SIZES[args.size])), release)
         import_s = run("import-official", str(release), "--out", str(tmp / "ckpt.pt"))
         sample_s = run("sample", "--ckpt", str(tmp / "ckpt.pt"), "--num", str(args.num), "--out", str(tmp / "s"),
-                       "--steps", str(args.steps), "--cfg", str(args.cfg), "--batch-size", str(args.batch_size),
+                       "--steps", str(args.steps), "--guidance", str(args.guidance), "--batch-size", str(args.batch_size),
                        "--quiet")
         manifest = json.loads((tmp / "s/samples.json").read_text())
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or 'cpu'})"
     rate = args.num / sample_s
     line = (f"| {device} | {args.size} | {manifest['sampler']}-{manifest['steps']} shift {manifest['shift']} "
-            f"cfg {manifest['cfg']} | {args.num} | {args.batch_size} | {import_s:.1f} s | {sample_s:.1f} s | "
+            f"guidance {manifest['guidance']} | {args.num} | {args.batch_size} | {import_s:.1f} s | {sample_s:.1f} s | "
             f"{rate:.2f} | {50000 / rate / 3600:.2f} h |")
     print(line)
     if not args.no_record:

@@ -21,8 +21,8 @@ def fast_config(path: Path, shards: Path, tracking_uri: str, **sections) -> Path
         "model": {"image_size": 32, "patch_size": 8},
         "encoders": {"random_init": True, "dino_model": "vit_small_patch14_dinov2"},
         "data": {"shards": str(shards), "batch_size": 8, "workers": 1, "shuffle_buffer": 50},
-        "train": {"steps": 6, "ckpt_every": 2, "log_every": 2, "sample_every": 0, "sample_count": 4,
-                  "sample_steps": 3},
+        "train": {"steps": 6, "ckpt_every": 2, "log_every": 2, "preview_every": 0, "preview_count": 4,
+                  "preview_steps": 3},
         "tracking": {"uri": tracking_uri, "system_metrics": False},
     }
     for section, values in sections.items():

@@ -120,3 +120,10 @@ def test_grid_loader_lives_in_config_and_matches_the_workflow_schema(tmp_path):
     assert set(config.PAPER_KEYS) == {label.lower() for _, label, _ in report.COLUMNS}
     grid = config.load_grid(_grid(tmp_path, {"a": None, "b": {"set": ["loss.gate=0.5"], "paper": {"fid": 2.0}}}))
     assert grid["variants"]["a"] == {} and grid["variants"]["b"]["paper"] == {"fid": 2.0}
+
+
+@pytest.mark.parametrize("old, new", [("sampling.cfg", "sampling.guidance"), ("train.sample_every", "train.preview_every")])
+def test_a_renamed_key_is_refused_naming_the_new_one(old, new):
+    with pytest.raises(ConfigError, match=rf"'{old}' is now '{new}'"):
+        load_config(overrides=[f"{old}=2"])
+    assert load_config(overrides=["sampling.guidance=2.0"])["sampling"]["guidance"] == 2.0

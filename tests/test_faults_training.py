@@ -253,7 +253,7 @@ def test_temp_files_of_killed_jobs_are_removed_when_training_starts(setup):
     run = tmp / "stale"
     dead = 2 ** 22 + 12345  # above the default pid_max: no such process
     stale = [run / f".config.yaml.tmp-{dead}", run / "checkpoints" / f".last.pt.tmp-{dead}",
-             run / "samples" / f".final.png.tmp-{dead}"]
+             run / "previews" / f".final.png.tmp-{dead}"]
     for path in stale:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"half")

@@ -76,11 +76,11 @@ def test_import_refuses_what_is_not_a_release(tmp_path):
 def test_import_command_applies_sampling_overrides(tmp_path):
     torch.save(release_format(JiT(SIZES["tiny"])), tmp_path / "PixelGen_XL_160ep.ckpt")
     result = pixelgen("import-official", str(tmp_path / "PixelGen_XL_160ep.ckpt"), "--out", str(tmp_path / "i.pt"),
-                      "--set", "sampling.cfg=2.25")
+                      "--set", "sampling.guidance=2.25")
     assert result.returncode == 0, result.stderr
     assert "NOT comparable" in result.stdout
     state = torch.load(tmp_path / "i.pt", weights_only=False)
-    assert state["config"]["sampling"]["cfg"] == 2.25 and state["source"]["release"] == "pixelgen-xl-160ep"
+    assert state["config"]["sampling"]["guidance"] == 2.25 and state["source"]["release"] == "pixelgen-xl-160ep"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,9 +11,9 @@ import torch
 
 from pixelgen.config import base_config, load_config
 from pixelgen.model import JiT, apply_rope, jit_config, rope_2d, sincos_2d
-from pixelgen.sampling import sample, time_grid
+from pixelgen.solvers import sample, time_grid
 
-from test_sampling import CountingModel
+from test_solvers import CountingModel
 
 
 def test_time_embedding_takes_t_in_0_1_unscaled():
@@ -67,7 +67,7 @@ def test_sampling_grid_is_the_official_float32_grid():
 def test_heun_corrector_tests_the_guidance_interval_at_t_cur(where):
     model = CountingModel()
     steps, interval = 10, (0.15, 0.85)
-    sample(model, torch.randn(2, 3, 4, 4), torch.tensor([1, 2]), sampler="heun", steps=steps, cfg=2.0,
+    sample(model, torch.randn(2, 3, 4, 4), torch.tensor([1, 2]), sampler="heun", steps=steps, guidance=2.0,
            interval=interval, null_class=10, corrector_interval_at=where)
     grid = time_grid(steps).tolist()
     inside = lambda t: interval[0] < t <= interval[1]
@@ -86,7 +86,7 @@ def test_guidance_interval_is_tested_in_float32_like_the_official_sampler():
     # t = 0.1 on the float32 grid is 0.100000001...; the official code compares float32 tensors, so t = 0.1 is
     # not inside (0.1, 0.9] there, and must not be here either
     model = CountingModel()
-    sample(model, torch.randn(2, 3, 4, 4), torch.tensor([1, 2]), sampler="euler", steps=10, cfg=2.0,
+    sample(model, torch.randn(2, 3, 4, 4), torch.tensor([1, 2]), sampler="euler", steps=10, guidance=2.0,
            interval=(0.1, 0.9), null_class=10)
     grid = time_grid(10)
     official = [4 if (t > 0.1 and t <= 0.9) else 2 for t in grid[:-1]]  # float32 tensor comparisons

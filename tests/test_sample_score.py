@@ -200,10 +200,10 @@ def test_sample_takes_sampling_overrides_over_the_checkpoint_config(trained, tmp
     config = tmp_path / "sampling.yaml"
     config.write_text("model: {size: tiny}\nsampling: {sampler: heun, shift: 2.0}\n")
     result = pixelgen("sample", "--ckpt", str(ckpt), "--num", "4", "--out", str(tmp_path / "s"), "--quiet",
-                      "--config", str(config), "--set", "sampling.steps=2", "--set", "sampling.cfg=1.5")
+                      "--config", str(config), "--set", "sampling.steps=2", "--set", "sampling.guidance=1.5")
     assert result.returncode == 0, result.stderr
     settings = json.loads((tmp_path / "s/samples.json").read_text())
-    assert (settings["sampler"], settings["steps"], settings["cfg"], settings["shift"]) == ("heun", 2, 1.5, 2.0)
+    assert (settings["sampler"], settings["steps"], settings["guidance"], settings["shift"]) == ("heun", 2, 1.5, 2.0)
     # an explicit flag wins over --set
     result = pixelgen("sample", "--ckpt", str(ckpt), "--num", "4", "--out", str(tmp_path / "t"), "--quiet",
                       "--set", "sampling.steps=5", "--steps", "2")

@@ -104,7 +104,7 @@ def test_a_grid_logged_by_step_is_an_image_artifact(tracker, tmp_path):
     images = [a.path for a in client.list_artifacts(tracker.run_id, "images")]
     # MLflow's layout for images with a key and step: images/<key>+step+<step>+timestamp+...png (+ a webp preview)
     pngs = sorted(Path(p).name for p in images if p.endswith(".png"))
-    assert [name.split("+")[:3] for name in pngs] == [["samples", "step", "100"], ["samples", "step", "200"]], images
+    assert [name.split("+")[:3] for name in pngs] == [["previews", "step", "100"], ["previews", "step", "200"]], images
 
 
 def test_finish_parent_ends_the_parent_with_the_report(store, tmp_path):

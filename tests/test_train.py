@@ -79,7 +79,7 @@ def test_checkpoint_holds_everything_for_a_resume(setup):
     assert {k.split(".")[0] for k in ckpt["model"]} == {"net", "projector"}
     assert {"python", "numpy", "torch", "generator"} <= set(ckpt["rng"][0])
     assert ckpt["data"]["batches_consumed"] == 2 and ckpt["config"]["train"]["steps"] == 2
-    assert (tmp / "r/config.yaml").exists() and (tmp / "r/samples/final.png").exists()
+    assert (tmp / "r/config.yaml").exists() and (tmp / "r/previews/final.png").exists()
     assert not list((tmp / "r/checkpoints").glob(".*tmp*"))  # atomic writes leave no temp files
 
 
@@ -213,8 +213,8 @@ def test_training_is_logged_to_mlflow(setup):
     for key in ("loss/loss", "loss/repa", "loss/lpips", "loss/pdino", "loss/gated_fraction", "images_per_sec"):
         assert key in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert "config.yaml" in artifacts and "samples" in artifacts
-    assert "samples/final.png" in {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
+    assert "config.yaml" in artifacts and "previews" in artifacts
+    assert "previews/final.png" in {a.path for a in client.list_artifacts(run.info.run_id, "previews")}
 
 
 def test_concurrent_jobs_lose_no_metrics(tmp_path):

@@ -352,7 +352,7 @@ def test_dvc_repro_runs_the_demo_and_leaves_status_clean(tmp_path):
 
     # the demo as committed, made tiny: the same stages, with fewer steps and samples
     pg = yaml.safe_load((root / "config/pixelgen/demo.yaml").read_text())
-    pg["train"].update(steps=2, ckpt_every=2, log_every=1, sample_count=4, sample_steps=2)
+    pg["train"].update(steps=2, ckpt_every=2, log_every=1, preview_count=4, preview_steps=2)
     pg["sampling"]["steps"] = 2
     (root / "config/pixelgen/demo.yaml").write_text(yaml.safe_dump(pg))
     cfg = yaml.safe_load((root / "config/demo.yaml").read_text())
@@ -460,6 +460,6 @@ def test_official_config_imports_samples_and_scores_against_the_reference_batch(
         assert metrics["reference_kind"] == "ADM reference batch" and metrics["num_samples"] == 20
         assert metrics["comparable"] is False  # stand-ins: labelled, never mistaken for the paper's numbers
         assert metrics["sampling"]["sampler"] == "heun"
-    assert json.loads((results / "metrics/xl_160ep.json").read_text())["sampling"]["cfg"] == 2.25
+    assert json.loads((results / "metrics/xl_160ep.json").read_text())["sampling"]["guidance"] == 2.25
     table = (results / "table.md").read_text()
     assert "5.11" in table and "1.83" in table

@@ -12,6 +12,9 @@ from pathlib import Path
 from .errors import PixelgenError
 
 
+QUIET_HELP = "no progress: neither the bar (terminal) nor the timestamped progress lines (log file)"
+
+
 def positive_int(text: str) -> int:
     """argparse type for counts and sizes: a batch of 0 images would divide by zero or loop forever later."""
     try:
@@ -42,7 +45,7 @@ def add_inception_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-random-weights", action="store_true",
                         help="without the Inception file, use a random Inception (demo/tests); results are labelled")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
 
 # --- pixelgen demo-data --------------------------------------------------------------------------
@@ -55,7 +58,7 @@ def add_demo_data(sub) -> None:
     d.add_argument("--per-class", type=positive_int, default=300, help="images per class (default 300)")
     d.add_argument("--classes", type=positive_int, default=10, help="number of classes, at most 10 (default 10)")
     d.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     d.set_defaults(func=run_demo_data)
 
 
@@ -89,7 +92,7 @@ def add_shard(sub) -> None:
     s.add_argument("--quality", type=positive_int, default=95, help="JPEG quality with --format jpeg (default 95)")
     s.add_argument("--seed", type=int, default=0, help="seed of the sample order (default 0)")
     s.add_argument("--strict", action="store_true", help="stop at the first unreadable file instead of rejecting")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     s.set_defaults(func=run_shard)
 
 
@@ -129,7 +132,7 @@ def add_train(sub) -> None:
                    help="start a new run from this checkpoint's weights (a training checkpoint, final_ema.pt or "
                         "an imported official one); step, optimizer and data start over")
     t.add_argument("--stop-at-step", type=int, help=argparse.SUPPRESS)  # tests: behave as if preempted here
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     t.set_defaults(func=run_train)
 
 
@@ -165,7 +168,7 @@ def add_sample(sub) -> None:
     add_sampling_section_args(sp, "the checkpoint's")
     sp.add_argument("--sampler", choices=["euler", "heun"], help="ODE solver (default: from the checkpoint config)")
     sp.add_argument("--steps", type=positive_int, help="solver steps (Heun-50 = 99 evaluations)")
-    sp.add_argument("--cfg", type=float, help="guidance scale (1.0 = no unconditional pass)")
+    sp.add_argument("--guidance", type=float, help="guidance scale (1.0 = no unconditional pass)")
     sp.add_argument("--interval", type=float, nargs=2, metavar=("LO", "HI"), help="guidance only for LO < t <= HI")
     sp.add_argument("--shift", type=float, help="time shift of the sampling grid")
     sp.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (default 64)")
@@ -174,7 +177,7 @@ def add_sample(sub) -> None:
     sp.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     sp.add_argument("--npz", action="store_true", help="also write samples.npz in the ADM evaluator's format")
     sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sp.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     sp.set_defaults(func=run_sample)
 
 
@@ -182,13 +185,13 @@ def run_sample(args) -> int:
     from .sample_job import run_sampling
 
     manifest = run_sampling(Path(args.ckpt), args.num, Path(args.out), sampler=args.sampler, steps=args.steps,
-                            cfg=args.cfg, interval=tuple(args.interval) if args.interval else None,
+                            guidance=args.guidance, interval=tuple(args.interval) if args.interval else None,
                             shift=args.shift, batch_size=args.batch_size, shard_size=args.shard_size,
                             part=args.part, seed=args.seed, npz=args.npz, device=args.device,
                             progress=not args.quiet, config_file=args.config, overrides=tuple(args.overrides))
     if manifest is not None:
         print(f"{manifest['num']} samples complete in {args.out} ({manifest['sampler']}-{manifest['steps']}, "
-              f"guidance {manifest['cfg']})")
+              f"guidance {manifest['guidance']})")
     else:
         print(f"this part is done; {args.out}/samples.json is written when every part has finished")
     return 0

@@ -118,6 +118,10 @@ def _check_value(key: str, value: Any, default: Any) -> Any:
     )
 
 
+RENAMED_KEYS = {"sampling.cfg": "sampling.guidance", "train.sample_every": "train.preview_every",
+                "train.sample_count": "train.preview_count", "train.sample_steps": "train.preview_steps"}  # old name -> new name, for a message that says so
+
+
 def merge(base: dict, override: dict, prefix: str = "") -> dict:
     """`override` merged over `base`, checking every key and type against `base`."""
     out = copy.deepcopy(base)
@@ -125,6 +129,8 @@ def merge(base: dict, override: dict, prefix: str = "") -> dict:
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {override!r}")
     for key, value in override.items():
         full = f"{prefix}{key}"
+        if key not in base and full in RENAMED_KEYS:
+            raise ConfigError(f"config key '{full}' is now '{RENAMED_KEYS[full]}'; rename it")
         if key not in base:
             known = ", ".join(sorted(base)) if isinstance(base, dict) else ""
             raise ConfigError(f"unknown config key '{full}' (known here: {known})")

@@ -40,7 +40,7 @@ _RENAMES = [
 DERIVED = {"pos_embed"}
 
 # The official XL/16 sampler settings (configs_c2i/PixelGen_XL*.yaml): Heun-50, shift 2, guidance in (0.1, 0.9]
-OFFICIAL_SAMPLING = {"sampler": "heun", "steps": 50, "cfg": 1.0, "interval": [0.1, 0.9], "shift": 2.0,
+OFFICIAL_SAMPLING = {"sampler": "heun", "steps": 50, "guidance": 1.0, "interval": [0.1, 0.9], "shift": 2.0,
                      "corrector_interval_at": "t_cur"}
 
 

@@ -115,7 +115,7 @@ def build_report(grid_file: Path, metrics_dir: Path, runs_dir: Path, out: Path, 
     plot_losses(grid, runs_dir, out / "loss_curves.png")
     plot_fid_recall(table, out / "fid_recall.png")
     for name in grid["variants"]:
-        grid_png = Path(runs_dir) / name / "samples" / "final.png"
+        grid_png = Path(runs_dir) / name / "previews" / "final.png"
         if grid_png.exists():
             shutil.copyfile(grid_png, out / "samples" / f"{name}.png")
     write_dvc_files(grid, table, runs_dir, out)

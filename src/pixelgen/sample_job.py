@@ -30,7 +30,7 @@ from .errors import PixelgenError
 from .images import to_uint8
 from .model import build_model
 from .progress import progress as progress_bar
-from .sampling import evaluations, sample
+from .solvers import evaluations, sample
 
 def image_noise(index: int, seed: int, shape: tuple[int, ...]) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed * 1_000_003 + index)  # depends on (seed, index) only
@@ -72,11 +72,11 @@ def weights_digest(state: dict) -> str:
     return digest.hexdigest()
 
 
-def sampling_settings(state: dict, sc: dict, *, sampler, steps, cfg, interval, shift, seed, num,
+def sampling_settings(state: dict, sc: dict, *, sampler, steps, guidance, interval, shift, seed, num,
                       shard_size) -> dict:
     """The checkpoint's (or config's) `sampling` section `sc` under the explicit arguments."""
     return {"sampler": sampler or sc["sampler"], "steps": steps or sc["steps"],
-            "cfg": sc["cfg"] if cfg is None else cfg, "interval": list(interval or sc["interval"]),
+            "guidance": sc["guidance"] if guidance is None else guidance, "interval": list(interval or sc["interval"]),
             "shift": sc["shift"] if shift is None else shift, "seed": seed, "num": num,
             "shard_size": shard_size, "t_eps": state["config"]["flow"]["t_eps"],
             # the training noise scale is the sampling noise scale (official: both 1.0)
@@ -97,7 +97,7 @@ def sample_images(model, indices: list[int], settings: dict, batch_size: int, de
         noise = torch.stack([image_noise(i, settings["seed"], (3, size, size)) for i in batch]).to(device)
         y = labels_for(batch, model.cfg.num_classes).to(device)
         images = sample(model, noise * settings["noise_scale"], y, sampler=settings["sampler"],
-                        steps=settings["steps"], cfg=settings["cfg"], interval=tuple(settings["interval"]),
+                        steps=settings["steps"], guidance=settings["guidance"], interval=tuple(settings["interval"]),
                         shift=settings["shift"], t_eps=settings["t_eps"], null_class=model.null_class,
                         corrector_interval_at=settings["corrector_interval_at"])
         arrays.append(to_uint8(images))
@@ -142,7 +142,7 @@ def sample_part(model, state: dict, settings: dict, identity: dict, ckpt: Path, 
 
 
 def run_sampling(ckpt: Path, num: int, out: Path, *, sampler: str | None = None, steps: int | None = None,
-                 cfg: float | None = None, interval: tuple[float, float] | None = None, shift: float | None = None,
+                 guidance: float | None = None, interval: tuple[float, float] | None = None, shift: float | None = None,
                  batch_size: int = 64, shard_size: int = 1000, part: str = "0/1", seed: int = 0, npz: bool = False,
                  device: str = "auto", progress: bool = True, config_file: str | Path | None = None,
                  overrides: tuple[str, ...] = ()) -> dict | None:
@@ -157,7 +157,7 @@ def run_sampling(ckpt: Path, num: int, out: Path, *, sampler: str | None = None,
         model, state = load_ema_model(Path(ckpt))
         model = model.to(d.device)
         sc = section_over(state["config"], "sampling", config_file, overrides)
-        settings = sampling_settings(state, sc, sampler=sampler, steps=steps, cfg=cfg, interval=interval,
+        settings = sampling_settings(state, sc, sampler=sampler, steps=steps, guidance=guidance, interval=interval,
                                      shift=shift, seed=seed, num=num, shard_size=shard_size)
         out = Path(out)
         # one job per part: the main process holds the part's lock (another job's main process is refused, and

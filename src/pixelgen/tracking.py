@@ -257,7 +257,7 @@ def log_dataset(tracker: Tracker, manifest: str | Path, name: str | None = None,
     return full
 
 
-def log_grid(tracker: Tracker, image: str | Path, step: int, key: str = "samples") -> None:
+def log_grid(tracker: Tracker, image: str | Path, step: int, key: str = "previews") -> None:
     """A sample grid as an MLflow image at a step (`log_image(key=..., step=...)`): the run page's image
     panel shows the grids of one key with a step slider."""
     if not tracker.enabled or tracker.run_id is None:
@@ -310,7 +310,7 @@ def log_model(tracker: Tracker, model, out_dir: str | Path, name: str = "model",
     - `ema.safetensors` (export_ema) as a run artifact under `weights/`;
     - an MLflow PyTorch model `name` (`mlflow.pytorch.log_model`, with the pixelgen package as code, so it
       loads where pixelgen is not installed): `mlflow.pytorch.load_model(f"runs:/{run_id}/{name}")` or the
-      returned `models:/` URI gives the module; call it as `model(x, t, y)` or sample with pixelgen.sampling.
+      returned `models:/` URI gives the module; call it as `model(x, t, y)` or sample with pixelgen.solvers.
 
     Returns the model URI. With best_effort, a failure is printed, not raised: the checkpoint is on disk
     already, and a tracking hiccup must not fail a finished training job."""

@@ -40,7 +40,7 @@ from .images import save_grid
 from .locks import FolderBusy, exclusive_folder
 from .losses import LossOutput, PixelGenLoss
 from .model import model_config
-from .sampling import sample
+from .solvers import sample
 from .progress import Progress
 from .tracking import SystemMetrics, Tracker, log_dataset, log_grid, log_model
 
@@ -53,7 +53,7 @@ class Preempted(PixelgenError):
 
 
 # keys that may change between a run and its resumption without changing the trajectory
-RESUMABLE_CHANGES = ("tracking.", "train.ckpt_every", "train.log_every", "train.sample_every", "train.steps",
+RESUMABLE_CHANGES = ("tracking.", "train.ckpt_every", "train.log_every", "train.preview_every", "train.steps",
                      "data.workers", "data.shards")
 
 
@@ -103,7 +103,7 @@ class RunFiles:
                                                  for name in ("last.pt", "final.pt", "final_ema.pt"))
         self.config, self.mlflow_run_id, self.metrics = (run_dir / name
                                                          for name in ("config.yaml", "mlflow_run_id", "metrics.jsonl"))
-        self.samples = run_dir / "samples"
+        self.previews = run_dir / "previews"
 
     def last_saved(self, step: int) -> str:
         """What a stopped run can go back to, said truthfully (there may be no checkpoint yet)."""
@@ -124,13 +124,13 @@ def _model_differences(source: dict, config: dict) -> str:
 
 
 @torch.no_grad()
-def ema_sample_grid(model, cfg: dict, device, count: int, steps: int, path: Path) -> Path:
+def ema_preview_grid(model, cfg: dict, device, count: int, steps: int, path: Path) -> Path:
     """A grid of EMA samples: fixed noise and labels cycling through the classes, so grids compare over time."""
     size = model.cfg.image_size
     gen = torch.Generator().manual_seed(1234)
     noise = (torch.randn(count, 3, size, size, generator=gen) * cfg["flow"]["noise_scale"]).to(device)
     labels = (torch.arange(count) % model.cfg.num_classes).to(device)
-    images = sample(model, noise, labels, sampler="euler", steps=steps, cfg=1.0, t_eps=cfg["flow"]["t_eps"],
+    images = sample(model, noise, labels, sampler="euler", steps=steps, guidance=1.0, t_eps=cfg["flow"]["t_eps"],
                     null_class=model.null_class)
     return save_grid(images, path, nrow=min(count, model.cfg.num_classes))
 
@@ -322,7 +322,7 @@ def _load_resumable(config: dict, files: RunFiles, init: dict | None) -> dict | 
 def _prepare_run_dir(config: dict, files: RunFiles, dist: distributed.Dist, start_step: int) -> None:
     if dist.is_main:
         files.run_dir.mkdir(parents=True, exist_ok=True)
-        for folder in (files.run_dir, files.checkpoints, files.samples):  # half-written files of killed jobs
+        for folder in (files.run_dir, files.checkpoints, files.previews):  # half-written files of killed jobs
             remove_stale_temps(folder)
         write_atomic(files.config, yaml.safe_dump(config, sort_keys=False))
         _trim_metrics_log(files.metrics, start_step)
@@ -489,9 +489,9 @@ class Trainer:
             stop = self._all_ranks_stop(sigterm.raised)
             if self.step % self.settings["ckpt_every"] == 0 or stop or self.step == stop_at_step:
                 self.save(self.files.last)
-            every = self.settings["sample_every"]
+            every = self.settings["preview_every"]
             if every and self.step % every == 0 and self.step < self.total_steps:
-                self.sample_grid(f"step_{self.step:07d}")
+                self.preview_grid(f"step_{self.step:07d}")
             if stop:
                 raise Preempted(f"preempted (SIGTERM) at step {self.step}: saved {self.files.last}; "
                                 f"rerun the same command to resume")
@@ -574,11 +574,11 @@ class Trainer:
         torch_dist.all_gather_object(states, mine)
         return states
 
-    def sample_grid(self, tag: str) -> None:
-        if self.dist.is_main and self.settings["sample_count"] > 0:
-            path = ema_sample_grid(self.ema.shadow, self.config, self.device, self.settings["sample_count"],
-                                   self.settings["sample_steps"], self.files.run_dir / "samples" / f"{tag}.png")
-            self.tracker.log_artifact(path, "samples")
+    def preview_grid(self, tag: str) -> None:
+        if self.dist.is_main and self.settings["preview_count"] > 0:
+            path = ema_preview_grid(self.ema.shadow, self.config, self.device, self.settings["preview_count"],
+                                   self.settings["preview_steps"], self.files.previews / f"{tag}.png")
+            self.tracker.log_artifact(path, "previews")
             log_grid(self.tracker, path, self.step)
 
     def finish(self) -> None:
@@ -586,6 +586,6 @@ class Trainer:
         state = self.save(self.files.last, self.files.final)
         if state is not None:
             checkpoint.save_atomic(checkpoint.ema_only(state), self.files.final_ema)
-        self.sample_grid("final")
+        self.preview_grid("final")
         if self.dist.is_main:  # the EMA network as an MLflow model (and an EMA-only safetensors file)
             log_model(self.tracker, self.ema.shadow, self.files.checkpoints, step=self.step)

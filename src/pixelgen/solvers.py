@@ -26,7 +26,7 @@ def time_grid(steps: int, shift: float = 1.0, device=None) -> torch.Tensor:
     return time_shift(grid, shift).to(device)
 
 
-def guided_x(model: Model, z: torch.Tensor, t: float, y: torch.Tensor, *, cfg: float = 1.0,
+def guided_x(model: Model, z: torch.Tensor, t: float, y: torch.Tensor, *, guidance: float = 1.0,
              interval: tuple[float, float] = (0.0, 1.0), null_class: int | None = None,
              guide_t: float | None = None) -> torch.Tensor:
     """x_hat at time t, with guidance when `guide_t` (default t) lies in the interval."""
@@ -35,18 +35,18 @@ def guided_x(model: Model, z: torch.Tensor, t: float, y: torch.Tensor, *, cfg: f
     # 0.1f, which is not > 0.1f, whereas it is > the double 0.1
     lo, hi = (float(torch.tensor(v, dtype=torch.float32)) for v in interval)
     guide_t = float(torch.tensor(t if guide_t is None else guide_t, dtype=torch.float32))
-    if cfg == 1.0 or not (lo < guide_t <= hi):
+    if guidance == 1.0 or not (lo < guide_t <= hi):
         return model(z, tt, y)
     if null_class is None:
         raise ValueError("guidance scale != 1 needs the model's null class")
     both = model(torch.cat([z, z]), torch.cat([tt, tt]), torch.cat([y, torch.full_like(y, null_class)]))
     x_cond, x_uncond = both.chunk(2)
-    return x_uncond + cfg * (x_cond - x_uncond)
+    return x_uncond + guidance * (x_cond - x_uncond)
 
 
 @torch.no_grad()
 def sample(model: Model, noise: torch.Tensor, y: torch.Tensor, *, sampler: str = "euler", steps: int = 50,
-           cfg: float = 1.0, interval: tuple[float, float] = (0.1, 0.9), shift: float = 1.0, t_eps: float = 0.05,
+           guidance: float = 1.0, interval: tuple[float, float] = (0.1, 0.9), shift: float = 1.0, t_eps: float = 0.05,
            null_class: int | None = None, corrector_interval_at: str = "t_cur") -> torch.Tensor:
     """Integrate dz/dt = v_hat(z, t) from the noise at t = 0 to t = 1 and return the final image.
 
@@ -62,7 +62,7 @@ def sample(model: Model, noise: torch.Tensor, y: torch.Tensor, *, sampler: str =
     z = noise
 
     def velocity(z_: torch.Tensor, t_: float, guide_t: float) -> torch.Tensor:
-        x_hat = guided_x(model, z_, t_, y, cfg=cfg, interval=tuple(interval), null_class=null_class, guide_t=guide_t)
+        x_hat = guided_x(model, z_, t_, y, guidance=guidance, interval=tuple(interval), null_class=null_class, guide_t=guide_t)
         return x_to_v(x_hat, z_, torch.full((z_.shape[0],), t_, device=z_.device), t_eps)
 
     for i in range(steps):

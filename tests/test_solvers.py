@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from pixelgen.sampling import evaluations, sample, time_grid
+from pixelgen.solvers import evaluations, sample, time_grid
 
 MU, S = 0.7, 0.5  # toy data: every pixel ~ N(MU, S^2), independent; noise N(0, 1)
 
@@ -48,7 +48,7 @@ class CountingModel:
 
 def test_guidance_one_runs_the_model_once_per_step_on_the_batch():
     model = CountingModel()
-    sample(model, torch.randn(6, 3, 4, 4), torch.arange(6), sampler="euler", steps=10, cfg=1.0, interval=(0.0, 1.0))
+    sample(model, torch.randn(6, 3, 4, 4), torch.arange(6), sampler="euler", steps=10, guidance=1.0, interval=(0.0, 1.0))
     assert [c[0] for c in model.calls] == [6] * 10
     assert all((c[2] != model.null_class).all() for c in model.calls)
 
@@ -63,7 +63,7 @@ def test_heun_50_costs_99_evaluations():
 def test_guidance_doubles_the_batch_only_inside_the_interval():
     model = CountingModel()
     steps, interval = 20, (0.1, 0.9)
-    sample(model, torch.randn(3, 3, 4, 4), torch.tensor([1, 2, 3]), sampler="euler", steps=steps, cfg=1.5,
+    sample(model, torch.randn(3, 3, 4, 4), torch.tensor([1, 2, 3]), sampler="euler", steps=steps, guidance=1.5,
            interval=interval, null_class=10)
     grid = time_grid(steps)[:-1]  # float32, compared in float32 as the official sampler does
     expected = [6 if (t > interval[0] and t <= interval[1]) else 3 for t in grid]
@@ -73,16 +73,16 @@ def test_guidance_doubles_the_batch_only_inside_the_interval():
 
 
 def test_guidance_formula():
-    from pixelgen.sampling import guided_x
+    from pixelgen.solvers import guided_x
 
     model = CountingModel()
     z, y = torch.randn(2, 3, 4, 4), torch.tensor([4, 6])
     cond = model(z, torch.full((2,), 0.5), y)
     uncond = model(z, torch.full((2,), 0.5), torch.full_like(y, 10))
-    out = guided_x(model, z, 0.5, y, cfg=2.0, interval=(0.0, 1.0), null_class=10)
+    out = guided_x(model, z, 0.5, y, guidance=2.0, interval=(0.0, 1.0), null_class=10)
     assert torch.allclose(out, uncond + 2.0 * (cond - uncond))
     with pytest.raises(ValueError, match="null class"):
-        guided_x(model, z, 0.5, y, cfg=2.0, interval=(0.0, 1.0))
+        guided_x(model, z, 0.5, y, guidance=2.0, interval=(0.0, 1.0))
 
 
 def test_time_grid():
@@ -98,7 +98,7 @@ def test_sampling_a_jit_end_to_end():
     from pixelgen.model import JiT, jit_config
 
     model = JiT(jit_config("tiny", image_size=16, patch_size=4)).eval()
-    out = sample(model, torch.randn(2, 3, 16, 16), torch.tensor([0, 1]), sampler="heun", steps=3, cfg=1.5,
+    out = sample(model, torch.randn(2, 3, 16, 16), torch.tensor([0, 1]), sampler="heun", steps=3, guidance=1.5,
                  interval=(0.0, 1.0), null_class=model.null_class)
     # a freshly initialised JiT predicts x_hat = 0, so the last step lands on exactly 0
     assert out.shape == (2, 3, 16, 16) and out.abs().max() < 1e-6
