@@ -86,6 +86,25 @@ def test_sampling_into_a_folder_of_another_checkpoint_is_refused_naming_it(setup
     assert json.loads((out / "samples.json").read_text())["ckpt"] == str(setup["a"])
 
 
+def test_a_reset_folder_keeps_samples_of_the_same_checkpoint_and_replaces_another_checkpoints(setup, tmp_path):
+    # what the workflow runs once before the parts whenever training reruns: never a refusal, never old samples
+    out = copy_folder(setup["samples"], tmp_path / "s")
+    before = shard_bytes(out)
+    assert "s: kept" in sample(setup["a"], out, "--reset").stdout and shard_bytes(out) == before
+    assert "s: replaced" in sample(setup["b"], out, "--reset").stdout
+    assert shard_bytes(out) == {} and not (out / "samples.json").exists()
+    sample(setup["b"], out)
+    assert json.loads((out / "samples.json").read_text())["ckpt"] == str(setup["b"])
+    assert shard_bytes(out).keys() == before.keys() and shard_bytes(out) != before
+
+
+def test_a_reset_is_refused_while_a_part_is_sampling(setup, tmp_path):
+    out = copy_folder(setup["samples"], tmp_path / "s")
+    with exclusive_folder(sample_folder.part_lock_folder(out, 1, 2), "sample --part 1/2"):
+        one_line_error(sample(setup["b"], out, "--reset", check=False), "in use by sample --part 1/2")
+    assert shard_bytes(out) == shard_bytes(setup["samples"])
+
+
 def test_parts_of_one_folder_from_two_checkpoints_are_refused(setup, tmp_path):
     out = tmp_path / "s"
     sample(setup["a"], out, "--part", "0/2")

@@ -165,29 +165,52 @@ def test_a_changed_model_setting_retrains_exactly_that_variant(finished):
     # a variant's model setting (the grid) ...
     edit_yaml(finished / "config/grids/demo.yaml",
               lambda g: g["variants"]["pixelgen"].update(set=["loss.gate=0.5"]))
-    assert planned(finished) == {"train": 1, "sample_part": 2, "sample_gather": 1, "score": 1, "report": 1,
+    assert planned(finished) == {"train": 1, "sample_reset": 1, "sample_part": 2, "sample_gather": 1, "score": 1, "report": 1,
                                  "all": 1}
 
 
 def test_editing_the_model_config_file_retrains(finished):
     # ... and the model config file itself, edited in place (which used to give "Nothing to be done")
     edit_yaml(finished / "config/pixelgen/demo.yaml", lambda c: c["loss"].update(repa_weight=0.25))
-    assert planned(finished) == {"train": 2, "sample_part": 4, "sample_gather": 2, **DOWNSTREAM_OF_SAMPLES}
+    assert planned(finished) == {"train": 2, "sample_reset": 2, "sample_part": 4, "sample_gather": 2,
+                                 **DOWNSTREAM_OF_SAMPLES}
 
 
 @pytest.mark.parametrize("key, value", [("shard_size", 20), ("format", "npy")])
 def test_a_changed_data_setting_reshards_and_retrains(finished, key, value):
     edit_yaml(finished / "config/test.yaml", lambda c: c["dataset"].update({key: value}))
-    assert planned(finished) == {"shard": 1, "ref_stats": 1, "train": 2, "sample_part": 4, "sample_gather": 2,
+    assert planned(finished) == {"shard": 1, "ref_stats": 1, "train": 2, "sample_reset": 2, "sample_part": 4,
+                                 "sample_gather": 2,
                                  **DOWNSTREAM_OF_SAMPLES}
 
 
 def test_a_changed_sampling_setting_resamples_without_retraining(finished):
     edit_yaml(finished / "config/pixelgen/demo.yaml", lambda c: c["sampling"].update(shift=1.5))
-    assert planned(finished) == {"sample_part": 4, "sample_gather": 2, **DOWNSTREAM_OF_SAMPLES}
+    assert planned(finished) == {"sample_reset": 2, "sample_part": 4, "sample_gather": 2, **DOWNSTREAM_OF_SAMPLES}
     # the number of samples is the workflow's sample section: the same rules
     edit_yaml(finished / "config/test.yaml", lambda c: c["sample"].update(num=30))
-    assert planned(finished) == {"sample_part": 4, "sample_gather": 2, **DOWNSTREAM_OF_SAMPLES}
+    assert planned(finished) == {"sample_reset": 2, "sample_part": 4, "sample_gather": 2, **DOWNSTREAM_OF_SAMPLES}
+
+
+def test_new_weights_under_the_same_key_are_resampled_not_refused_or_reused(finished):
+    # a retrain that lands on the same run key with other weights (new data behind the same shard folder, a
+    # non-deterministic GPU rerun): the old sample folder must neither block the parts nor be scored again
+    import torch
+
+    from pixelgen.sample_job import weights_digest
+
+    ema = next((finished / "work/runs/ci/pixelgen").glob("*/checkpoints/final_ema.pt"))
+    state = torch.load(ema, map_location="cpu", weights_only=False)
+    for tensor in state["ema"]["shadow"].values():
+        if tensor.is_floating_point():
+            tensor.add_(0.01)
+    torch.save(state, ema)
+    assert planned(finished) == {"sample_reset": 1, "sample_part": 2, "sample_gather": 1, "score": 1, "report": 1,
+                                 "all": 1}
+    result = snakemake(finished, "--cores", "2", "all", "--configfile", "config/test.yaml")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((finished / "results/ci/metrics/pixelgen.json").read_text())
+    assert metrics["sampling"]["ckpt_digest"] == weights_digest(state)
 
 
 def test_every_rule_has_a_log_and_calls_pixelgen():

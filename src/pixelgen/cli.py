@@ -176,6 +176,10 @@ def add_sample(sub) -> None:
     sp.add_argument("--part", default="0/1", help="i/n: do only shards k with k %% n == i (scatter across jobs)")
     sp.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     sp.add_argument("--npz", action="store_true", help="also write samples.npz in the ADM evaluator's format")
+    sp.add_argument("--reset", action="store_true",
+                    help="only prepare OUT for this checkpoint and these settings: keep it if it matches, else "
+                         "delete its samples (of another checkpoint or other settings) and record the new ones; "
+                         "for a folder a workflow owns (run once before the parts, whenever the checkpoint changes)")
     sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     sp.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     sp.set_defaults(func=run_sample)
@@ -188,8 +192,11 @@ def run_sample(args) -> int:
                             guidance=args.guidance, interval=tuple(args.interval) if args.interval else None,
                             shift=args.shift, batch_size=args.batch_size, shard_size=args.shard_size,
                             part=args.part, seed=args.seed, npz=args.npz, device=args.device,
-                            progress=not args.quiet, config_file=args.config, overrides=tuple(args.overrides))
-    if manifest is not None:
+                            progress=not args.quiet, config_file=args.config, overrides=tuple(args.overrides),
+                            reset=args.reset)
+    if args.reset:
+        print(f"{args.out}: {manifest} (samples of this checkpoint with these settings)")
+    elif manifest is not None:
         print(f"{manifest['num']} samples complete in {args.out} ({manifest['sampler']}-{manifest['steps']}, "
               f"guidance {manifest['guidance']})")
     else:

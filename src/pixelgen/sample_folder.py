@@ -114,6 +114,31 @@ def check_settings(out: Path, identity: dict, write: bool) -> None:
         raise PixelgenError(mismatch_message(out, recorded, identity, keys))
 
 
+def reset(out: Path, identity: dict) -> str:
+    """Make `out` a folder for `identity` (one checkpoint, one set of settings) and return what was done:
+    "kept" (it already was), "replaced" (samples of another checkpoint or other settings, or shards of unknown
+    origin, deleted) or "new". For a folder a workflow owns: Snakemake runs it once whenever the checkpoint is
+    retrained, before the parts, so a retrain never meets a refusal (or, worse, old samples). Refused while a
+    part of the folder is running (each part's lock is taken for the reset)."""
+    from contextlib import ExitStack
+
+    from .locks import exclusive_folder
+
+    out = Path(out)
+    path = out / SETTINGS
+    with ExitStack() as locks:
+        for folder in sorted(out.glob(".part-*-of-*")):
+            locks.enter_context(exclusive_folder(folder, "sample --reset"))
+        if path.exists() and not differences(json.loads(path.read_text()), identity):
+            return "kept"
+        leftovers = [*out.glob("samples-*.tar"), out / MANIFEST, out / NPZ, path]
+        existed = any(f.exists() for f in leftovers)
+        for f in leftovers:
+            f.unlink(missing_ok=True)
+        record_once(path, identity)
+        return "replaced" if existed else "new"
+
+
 def write_manifest(out: Path, manifest: dict) -> None:
     write_json_atomic(Path(out) / MANIFEST, manifest)
 

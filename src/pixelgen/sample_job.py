@@ -145,10 +145,11 @@ def run_sampling(ckpt: Path, num: int, out: Path, *, sampler: str | None = None,
                  guidance: float | None = None, interval: tuple[float, float] | None = None, shift: float | None = None,
                  batch_size: int = 64, shard_size: int = 1000, part: str = "0/1", seed: int = 0, npz: bool = False,
                  device: str = "auto", progress: bool = True, config_file: str | Path | None = None,
-                 overrides: tuple[str, ...] = ()) -> dict | None:
+                 overrides: tuple[str, ...] = (), reset: bool = False) -> dict | str | None:
     """Sample this job's missing shards; write the manifest (and npz) once every shard exists.
     Settings: the checkpoint's `sampling` section, then `config_file`'s and `overrides` (sampling.* only), then
-    the explicit arguments."""
+    the explicit arguments. With `reset`, only prepare the folder for them (sample_folder.reset) and return
+    what was done."""
     if num < 1 or batch_size < 1 or shard_size < 1:
         raise PixelgenError("--num, --batch-size and --shard-size must be >= 1", exit_code=2)
     part_index, parts = parse_part(part)
@@ -160,12 +161,14 @@ def run_sampling(ckpt: Path, num: int, out: Path, *, sampler: str | None = None,
         settings = sampling_settings(state, sc, sampler=sampler, steps=steps, guidance=guidance, interval=interval,
                                      shift=shift, seed=seed, num=num, shard_size=shard_size)
         out = Path(out)
+        identity = {**settings, "ckpt_step": state["step"], "ckpt_digest": weights_digest(state)}
+        if reset:
+            return sample_folder.reset(out, {**identity, "ckpt": str(ckpt)}) if d.is_main else None
         # one job per part: the main process holds the part's lock (another job's main process is refused, and
         # torchrun then stops that job's other ranks)
         lock = (exclusive_folder(sample_folder.part_lock_folder(out, part_index, parts), f"sample --part {part}")
                 if d.is_main else nullcontext())
         with lock:
-            identity = {**settings, "ckpt_step": state["step"], "ckpt_digest": weights_digest(state)}
             sample_folder.check_settings(out, {**identity, "ckpt": str(ckpt)}, write=d.is_main)
             return sample_part(model, state, settings, identity, ckpt, out, part_index, parts, d, batch_size,
                                npz, progress)

@@ -3,11 +3,35 @@
 # every shard exists. The sample folder (a param) is keyed by everything that determines the images
 # (common.smk), so any change makes a new folder and reruns the parts. Each part is its own
 # Slurm job (grouping them into fewer jobs failed under the Slurm executor in CI: left for later).
+# Before the parts, `sample_reset` prepares the folder for the checkpoint: Snakemake reruns it whenever the
+# checkpoint is retrained (same key, new weights: new data behind the same shard folder, a non-deterministic GPU
+# rerun), and it deletes samples of other weights, so the parts never meet a refusal or old samples.
+
+
+rule sample_reset:
+    input:
+        lambda wc: checkpoint(wc.variant),
+    output:
+        f"{SAMPLES}/{{variant}}/{{skey}}/settings.json",
+    params:
+        out=lambda wc: sample_dir(wc.variant),
+        args=lambda wc: sample_args(wc.variant),
+    log:
+        f"{LOGS}/sample/{{variant}}-{{skey}}-reset.log",
+    threads: 1
+    resources:
+        mem_mb=RES["other"]["mem_mb"],
+        runtime=RES["other"]["runtime"],
+    conda:
+        ENV
+    shell:
+        "pixelgen sample --ckpt {input} --out {params.out} {params.args} --reset > {log} 2>&1"
 
 
 rule sample_part:
     input:
-        lambda wc: checkpoint(wc.variant),
+        ckpt=lambda wc: checkpoint(wc.variant),
+        settings=f"{SAMPLES}/{{variant}}/{{skey}}/settings.json",
     output:
         touch(f"{SAMPLES}/{{variant}}/{{skey}}/parts/{{scatteritem}}.done"),
     params:
@@ -26,7 +50,7 @@ rule sample_part:
     conda:
         ENV
     shell:
-        "pixelgen sample --ckpt {input} --out {params.out} {params.args} --part {params.part} > {log} 2>&1"
+        "pixelgen sample --ckpt {input.ckpt} --out {params.out} {params.args} --part {params.part} > {log} 2>&1"
 
 
 rule sample_gather:
