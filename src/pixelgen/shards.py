@@ -271,27 +271,38 @@ def _check_enough_images(manifest: dict, src: Path, out: Path, min_images: int) 
 
 def _build_shards_locked(src: Path, out: Path, settings: ShardSettings, listing: "Listing", workers: int,
                          strict: bool, progress: bool) -> dict:
-    classes, items = listing.classes, listing.items
+    """The three phases of a shard job: claim OUT for these settings, write the missing shards, the manifest."""
+    items = listing.items
     order = sample_order(len(items), settings.seed)
     listing_digest = hashlib.sha256("\n".join(f"{p}\t{c}" for p, c in items).encode()).hexdigest()
-    wanted = {**settings.__dict__, "source_listing_sha256": listing_digest, "num_files": len(items)}
-
     remove_stale_temps(out)  # half-written tars of a killed run (one job owns OUT, unlike a sample folder)
-    settings_path = out / "settings.json"
-    if settings_path.exists():
-        existing = _read_json(settings_path, f"delete {settings_path} and rerun")
-        if existing != wanted:
-            changed = sorted(k for k in wanted if existing.get(k) != wanted[k])
-            raise PixelgenError(f"{out} holds shards made with other settings or sources ({', '.join(changed)}); "
-                                f"use a new output folder or delete {out}")
-    else:
-        _write_json(settings_path, wanted)
-
+    _claim_folder(out, {**settings.__dict__, "source_listing_sha256": listing_digest, "num_files": len(items)})
     shards = [order[i:i + settings.shard_size] for i in range(0, len(order), settings.shard_size)]
-    jobs = [(k, [(g, items[g]) for g in members], src, out, settings, classes, strict)
+    _write_missing_shards(src, out, settings, listing, shards, workers, strict, progress)
+    manifest = _manifest(out, settings, listing, len(shards))
+    _write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def _claim_folder(out: Path, wanted: dict) -> None:
+    """Record the settings and sources in a new OUT; refuse an OUT made from others, naming what differs."""
+    settings_path = out / "settings.json"
+    if not settings_path.exists():
+        _write_json(settings_path, wanted)
+        return
+    existing = _read_json(settings_path, f"delete {settings_path} and rerun")
+    if existing != wanted:
+        changed = sorted(k for k in wanted if existing.get(k) != wanted[k])
+        raise PixelgenError(f"{out} holds shards made with other settings or sources ({', '.join(changed)}); "
+                            f"use a new output folder or delete {out}")
+
+
+def _write_missing_shards(src: Path, out: Path, settings: ShardSettings, listing: "Listing", shards: list,
+                          workers: int, strict: bool, progress: bool) -> None:
+    items = listing.items
+    jobs = [(k, [(g, items[g]) for g in members], src, out, settings, listing.classes, strict)
             for k, members in enumerate(shards) if not _shard_done(out, k)]
-    done = len(shards) - len(jobs)
-    with progress_bar(len(shards), f"shard {src.name}", unit="shard", noun="shards", initial=done,
+    with progress_bar(len(shards), f"shard {src.name}", unit="shard", noun="shards", initial=len(shards) - len(jobs),
                       enabled=progress) as bar:
         if workers <= 1 or len(jobs) <= 1:
             for job in jobs:
@@ -302,10 +313,14 @@ def _build_shards_locked(src: Path, out: Path, settings: ShardSettings, listing:
                 for _ in pool.imap_unordered(write_shard, jobs):
                     bar.update(1)
 
-    records = [json.loads((out / f"{SHARD_PATTERN.format(k)}.json").read_text()) for k in range(len(shards))]
+
+def _manifest(out: Path, settings: ShardSettings, listing: "Listing", num_shards: int) -> dict:
+    """manifest.json's content, from the per-shard records the shard writers left beside their tars."""
+    classes = listing.classes
+    records = [json.loads((out / f"{SHARD_PATTERN.format(k)}.json").read_text()) for k in range(num_shards)]
     counts = {name: 0 for name in classes}
     source_counts = {name: 0 for name in classes}
-    for _, label in items:
+    for _, label in listing.items:
         source_counts[classes[label]] += 1
     for record in records:
         for name, n in record["per_class"].items():
@@ -328,7 +343,6 @@ def _build_shards_locked(src: Path, out: Path, settings: ShardSettings, listing:
                                     for name in classes if counts[name] == 0 and source_counts[name] > 0]
     if warnings_:  # only when there are some: manifests without warnings stay byte-identical to earlier ones
         manifest["warnings"] = warnings_
-    _write_json(out / "manifest.json", manifest)
     return manifest
 
 
