@@ -228,6 +228,17 @@ def test_every_rule_has_a_log_and_calls_pixelgen():
             assert "benchmark:" in block, name
 
 
+def test_the_rule_environment_installs_this_project():
+    # `--software-deployment-method conda` builds workflow/envs/pixelgen.yaml; conda runs its pip section from
+    # the file's folder, so `-e ../..` must be this project (conda itself is not installable here to run it)
+    env = yaml.safe_load((REPO / "workflow/envs/pixelgen.yaml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    target = (REPO / "workflow/envs" / pip[0].split()[-1]).resolve()
+    assert pip[0].startswith("-e ") and target == REPO.resolve()
+    assert 'name = "pixelgen"' in (target / "pyproject.toml").read_text()
+    assert any(str(d).startswith("python=3.11") for d in env["dependencies"])
+
+
 def test_local_run_produces_the_results(local_run):
     results = local_run / "results/ci"
     table = (results / "table.md").read_text()
