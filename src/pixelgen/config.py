@@ -118,8 +118,9 @@ def _check_value(key: str, value: Any, default: Any) -> Any:
     )
 
 
+# old name -> new name, for a refusal that says so
 RENAMED_KEYS = {"sampling.cfg": "sampling.guidance", "train.sample_every": "train.preview_every",
-                "train.sample_count": "train.preview_count", "train.sample_steps": "train.preview_steps"}  # old name -> new name, for a message that says so
+                "train.sample_count": "train.preview_count", "train.sample_steps": "train.preview_steps"}
 
 
 def merge(base: dict, override: dict, prefix: str = "") -> dict:

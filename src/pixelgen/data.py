@@ -17,7 +17,6 @@ dry and hang a collective on uneven shards; an epoch that yields nothing is an e
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import itertools
 import math
@@ -32,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .errors import PixelgenError
+from .files import sha256
 from .shards import die_with_parent, read_manifest, verify_shards
 
 # virtual streams per rank, at most: divisible by the usual worker counts (1, 2, 3, 4, 6, 8, 12, 24), so each
@@ -77,13 +77,12 @@ def _raw_samples(paths: list[str], expected: dict[str, int]) -> Iterator[dict]:
 
 def manifest_digest(shard_dir: Path) -> str:
     """The data's identity: the manifest's sha256 (it holds every shard's sha256), whatever folder it is in."""
-    return hashlib.sha256((Path(shard_dir) / "manifest.json").read_bytes()).hexdigest()
+    return sha256(Path(shard_dir) / "manifest.json")
 
 
-def check_num_classes(manifest: dict, num_classes: int, shard_dir: Path) -> None:
-    """model.num_classes must equal the shards' class count: more classes in the data would feed class
+def check_num_classes(classes: int, num_classes: int, shard_dir: Path) -> None:
+    """model.num_classes must equal the shards' class count `classes`: more classes in the data would feed class
     `num_classes` in as the null class (or index past the table), fewer would leave labels never trained."""
-    classes = len(manifest["classes"])
     if classes != num_classes:
         raise PixelgenError(f"model.num_classes is {num_classes} but the shards in {shard_dir} have {classes} "
                             f"classes: set model.num_classes={classes} (or shard the data set you meant)")
@@ -312,7 +311,7 @@ class StreamLoader:
                                 f"data.batch_size")
 
     def check_num_classes(self, num_classes: int) -> None:
-        check_num_classes({"classes": [None] * self.num_classes}, num_classes, Path(self.kwargs["shard_dir"]))
+        check_num_classes(self.num_classes, num_classes, Path(self.kwargs["shard_dir"]))
 
     def _identity_of_order(self) -> dict:
         k = self.kwargs

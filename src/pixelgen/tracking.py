@@ -238,13 +238,14 @@ def log_dataset(tracker: Tracker, manifest: str | Path, name: str | None = None,
     MLflow keeps 36 characters of a digest, so the full hash is in the profile). Returns the digest."""
     if not tracker.enabled or tracker.run_id is None:
         return None
-    import hashlib
     import json
 
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
+    from .files import sha256
+
     manifest = Path(manifest)
-    full = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    full = sha256(manifest)
     info = json.loads(manifest.read_text())
     profile = {"manifest_sha256": full, "num_samples": info.get("num_samples", info.get("total")),
                "num_shards": len(info.get("shards", [])), "resolution": info.get("resolution")}

@@ -535,11 +535,7 @@ class Trainer:
 
     def _all_ranks_stop(self, asked: bool) -> bool:
         """Under DDP every rank must stop at the same step (a SIGTERM may reach one rank first)."""
-        if self.dist.world_size == 1:
-            return asked
-        flag = torch.tensor([float(asked)], device=self.device)
-        torch_dist.all_reduce(flag)
-        return bool(flag.item() > 0)
+        return not distributed.all_ok(self.dist, not asked)
 
     # -- log, save, sample, finish ------------------------------------------------------------------------------
 
