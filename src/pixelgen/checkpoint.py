@@ -87,11 +87,12 @@ def first_mismatch(have: dict, want: dict) -> str | None:
     return f"{extra} is there but not in this model" if extra else None
 
 
-def load(path: Path) -> dict:
+def load(path: Path, mmap: bool = False) -> dict:
+    """`mmap`: map the file instead of reading it, so tensors that are never used are never read."""
     from .errors import PixelgenError
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except FileNotFoundError:
         raise PixelgenError(f"checkpoint not found: {path}") from None
     except Exception as err:  # a torn or foreign file

@@ -171,6 +171,12 @@ def add_sample(sub) -> None:
     sp.add_argument("--guidance", type=float, help="guidance scale (1.0 = no unconditional pass)")
     sp.add_argument("--interval", type=float, nargs=2, metavar=("LO", "HI"), help="guidance only for LO < t <= HI")
     sp.add_argument("--shift", type=float, help="time shift of the sampling grid")
+    sp.add_argument("--precision", choices=["fp32", "bf16"],
+                    help="denoiser precision: fp32, or bf16 (bf16 matmul weights under autocast, as the official "
+                         "bf16-mixed sampler; the ODE state stays fp32) (default: sampling.precision)")
+    sp.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.compile the denoiser with static shapes (one compile per run; pays off for "
+                         "large --num on a GPU) (default: sampling.compile)")
     sp.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (default 64)")
     sp.add_argument("--shard-size", type=positive_int, default=1000, help="images per output shard (default 1000)")
     sp.add_argument("--part", default="0/1", help="i/n: do only shards k with k %% n == i (scatter across jobs)")
@@ -193,7 +199,7 @@ def run_sample(args) -> int:
                             shift=args.shift, batch_size=args.batch_size, shard_size=args.shard_size,
                             part=args.part, seed=args.seed, npz=args.npz, device=args.device,
                             progress=not args.quiet, config_file=args.config, overrides=tuple(args.overrides),
-                            reset=args.reset)
+                            reset=args.reset, precision=args.precision, compile=args.compile)
     if args.reset:
         print(f"{args.out}: {manifest} (samples of this checkpoint with these settings)")
     elif manifest is not None:

@@ -39,12 +39,17 @@ def shard_path(out: Path, k: int) -> Path:
 
 
 def write_shard(path: Path, indices: list[int], images: np.ndarray, labels: list[int]) -> None:
+    write_encoded_shard(path, indices, [png_bytes(image) for image in images], labels)
+
+
+def write_encoded_shard(path: Path, indices: list[int], pngs: list[bytes], labels: list[int]) -> None:
+    """A shard of already encoded PNGs (sampling_engine.ShardWriter encodes them in threads)."""
     import webdataset as wds
 
     def write(stream):
         writer = wds.TarWriter(stream, mtime=0)  # fixed mtime: the bytes depend on the images only
-        for i, image, label in zip(indices, images, labels):
-            writer.write({"__key__": f"{i:07d}", "png": png_bytes(image), "cls": str(label).encode()})
+        for i, png, label in zip(indices, pngs, labels):
+            writer.write({"__key__": f"{i:07d}", "png": png, "cls": str(label).encode()})
         writer.close()
 
     write_atomic(path, write)
@@ -58,6 +63,9 @@ def part_lock_folder(out: Path, part_index: int, parts: int) -> Path:
 
 # recorded for the refusal message only: the same weights under another path are the same checkpoint
 NOT_COMPARED = ("ckpt",)
+# settings recorded since fast sampling, with the value every folder recorded before them was sampled with
+# (CPU noise, fp32 eager), so those folders stay valid for runs that ask the same
+SAMPLED_BEFORE_RECORDED = {"precision": "fp32", "compile": False, "noise_device": "cpu"}
 
 
 def record_once(path: Path, identity: dict) -> dict:
@@ -78,7 +86,11 @@ def record_once(path: Path, identity: dict) -> dict:
 def differences(recorded: dict, identity: dict) -> list[str]:
     """The compared settings whose values differ."""
     keys = sorted((set(recorded) | set(identity)) - set(NOT_COMPARED))
-    return [k for k in keys if recorded.get(k) != identity.get(k)]
+    return [k for k in keys if recorded_value(recorded, k) != identity.get(k)]
+
+
+def recorded_value(recorded: dict, key: str):
+    return recorded.get(key, SAMPLED_BEFORE_RECORDED.get(key))
 
 
 def mismatch_message(out: Path, recorded: dict, identity: dict, keys: list[str]) -> str:
@@ -91,7 +103,7 @@ def mismatch_message(out: Path, recorded: dict, identity: dict, keys: list[str])
             return (f"{d.get('ckpt', 'an unrecorded path')} (step {d.get('ckpt_step')}, weights "
                     f"{str(d.get('ckpt_digest'))[:12]})")
         return f"{out} holds samples of checkpoint {ckpt(recorded)}, not of {ckpt(identity)}; {fix}"
-    had = ", ".join(f"{k} {recorded.get(k)}" for k in keys)
+    had = ", ".join(f"{k} {recorded_value(recorded, k)}" for k in keys)
     asked = ", ".join(f"{k} {identity.get(k)}" for k in keys)
     return f"{out} holds samples made with other settings: it has {had}; this run asks {asked}; {fix}"
 

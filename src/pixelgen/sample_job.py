@@ -30,12 +30,8 @@ from .errors import PixelgenError
 from .images import to_uint8
 from .model import build_model
 from .progress import progress as progress_bar
+from .sampling_engine import Engine, ShardWriter, build_engine, image_noise, padded, tf32_allowed
 from .solvers import evaluations, sample
-
-def image_noise(index: int, seed: int, shape: tuple[int, ...]) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + index)  # depends on (seed, index) only
-    return torch.randn(shape, generator=gen)
-
 
 def labels_for(indices: list[int], num_classes: int) -> torch.Tensor:
     """Class-balanced: image i gets class i % C, so any N that is a multiple of C has N / C per class."""
@@ -52,10 +48,19 @@ def parse_part(part: str) -> tuple[int, int]:
 
 
 def load_ema_model(ckpt_path: Path):
-    state = checkpoint.load(ckpt_path)
+    """The EMA network of a training checkpoint or of an EMA export (final_ema.pt), and the EMA export's state.
+    The file is memory-mapped, so a training checkpoint's optimizer state and network are never read."""
+    state = checkpoint.ema_only(checkpoint.load(ckpt_path, mmap=True))
     model = build_model(state["config"]["model"])
     model.load_state_dict(state["ema"]["shadow"])
     return model.eval().requires_grad_(False), state
+
+
+def with_sampling_defaults(config: dict) -> dict:
+    """`config` with the sampling keys of checkpoints written before they existed, at base.yaml's defaults."""
+    from .config import base_config
+
+    return {**config, "sampling": {**base_config()["sampling"], **config["sampling"]}}
 
 
 def weights_digest(state: dict) -> str:
@@ -73,9 +78,10 @@ def weights_digest(state: dict) -> str:
 
 
 def sampling_settings(state: dict, sc: dict, *, sampler, steps, guidance, interval, shift, seed, num,
-                      shard_size) -> dict:
+                      shard_size, precision=None, compile=None, noise_device="cpu") -> dict:
     """The checkpoint's (or config's) `sampling` section `sc` under the explicit arguments."""
-    return {"sampler": sampler or sc["sampler"], "steps": steps or sc["steps"],
+    return {"precision": precision or sc["precision"], "compile": sc["compile"] if compile is None else compile,
+            "noise_device": noise_device, "sampler": sampler or sc["sampler"], "steps": steps or sc["steps"],
             "guidance": sc["guidance"] if guidance is None else guidance, "interval": list(interval or sc["interval"]),
             "shift": sc["shift"] if shift is None else shift, "seed": seed, "num": num,
             "shard_size": shard_size, "t_eps": state["config"]["flow"]["t_eps"],
@@ -88,26 +94,28 @@ def shard_indices(k: int, shard_size: int, num: int) -> list[int]:
     return list(range(k * shard_size, min((k + 1) * shard_size, num)))
 
 
-def sample_images(model, indices: list[int], settings: dict, batch_size: int, device, bar) -> tuple[np.ndarray, list]:
-    """(N, H, W, 3) uint8 images and labels of the given sample indices."""
-    size = model.cfg.image_size
-    arrays, labels = [], []
+def sample_images(engine: Engine, indices: list[int], settings: dict, batch_size: int, bar,
+                  writer: ShardWriter) -> tuple[list, list]:
+    """The PNGs (futures, encoded by `writer`) and labels of the given sample indices."""
+    pngs, labels = [], []
     for b in range(0, len(indices), batch_size):
         batch = indices[b:b + batch_size]
-        noise = torch.stack([image_noise(i, settings["seed"], (3, size, size)) for i in batch]).to(device)
-        y = labels_for(batch, model.cfg.num_classes).to(device)
-        images = sample(model, noise * settings["noise_scale"], y, sampler=settings["sampler"],
+        run = padded(batch, batch_size) if engine.static_batch else batch
+        noise = torch.stack([image_noise(i, settings["seed"], (3, engine.image_size, engine.image_size),
+                                         engine.device) for i in run])
+        y = labels_for(run, engine.num_classes).to(engine.device)
+        images = sample(engine.denoise, noise * settings["noise_scale"], y, sampler=settings["sampler"],
                         steps=settings["steps"], guidance=settings["guidance"], interval=tuple(settings["interval"]),
-                        shift=settings["shift"], t_eps=settings["t_eps"], null_class=model.null_class,
+                        shift=settings["shift"], t_eps=settings["t_eps"], null_class=engine.null_class,
                         corrector_interval_at=settings["corrector_interval_at"])
-        arrays.append(to_uint8(images))
-        labels += y.tolist()
+        pngs += writer.encode(to_uint8(images[:len(batch)]))  # encoded while the next batch samples
+        labels += y[:len(batch)].tolist()
         bar.update(len(batch))
-    return np.concatenate(arrays), labels
+    return pngs, labels
 
 
-def sample_part(model, state: dict, settings: dict, identity: dict, ckpt: Path, out: Path, part_index: int,
-                parts: int, d, batch_size: int, npz: bool, progress: bool) -> dict | None:
+def sample_part(engine: Engine, state: dict, settings: dict, identity: dict, ckpt: Path, out: Path,
+                part_index: int, parts: int, d, batch_size: int, npz: bool, progress: bool) -> dict | None:
     """Sample the missing shards of this part (and this rank); the manifest once every shard exists."""
     num, shard_size = settings["num"], settings["shard_size"]
     n_shards = (num + shard_size - 1) // shard_size
@@ -116,20 +124,23 @@ def sample_part(model, state: dict, settings: dict, identity: dict, ckpt: Path, 
     sizes = {k: len(shard_indices(k, shard_size, num)) for k in mine}
     with progress_bar(sum(sizes.values()), "sample", initial=sum(sizes[k] for k in done), every=0,
                       enabled=progress and d.is_main) as bar:
-        for k in mine:
-            if k in done:
-                continue
-            indices = shard_indices(k, shard_size, num)
-            images, labels = sample_images(model, indices, settings, batch_size, d.device, bar)
-            sample_folder.write_shard(sample_folder.shard_path(out, k), indices, images, labels)
-            done.append(k)
-            bar.log(f"shard {len(done)}/{len(mine)} done")
+        with ShardWriter() as writer, tf32_allowed(engine.device, engine.precision == "bf16"):
+            def log(finished):
+                done.extend(finished)
+                for _ in finished:
+                    bar.log(f"shard {len(done)}/{len(mine)} done")
+
+            for k in [k for k in mine if k not in done]:
+                indices = shard_indices(k, shard_size, num)
+                pngs, labels = sample_images(engine, indices, settings, batch_size, bar, writer)
+                log(writer.write(sample_folder.shard_path(out, k), indices, pngs, labels))
+            log(writer.collect())
     distributed.barrier(d)
     if not d.is_main or not all(sample_folder.shard_path(out, k).exists() for k in range(n_shards)):
         return None
     shards = [sample_folder.SHARD.format(k) for k in range(n_shards)]
-    manifest = {**identity, "ckpt": str(ckpt), "num_classes": model.cfg.num_classes,
-                "image_size": model.cfg.image_size,
+    manifest = {**identity, "ckpt": str(ckpt), "num_classes": engine.num_classes,
+                "image_size": engine.image_size,
                 "nfe_per_image": evaluations(settings["sampler"], settings["steps"]),
                 "shards": shards, "shard_sha256": sample_folder.shard_digests(out, shards),
                 "encoders_real": bool(state.get("encoders_real", False)),
@@ -145,7 +156,8 @@ def run_sampling(ckpt: Path, num: int, out: Path, *, sampler: str | None = None,
                  guidance: float | None = None, interval: tuple[float, float] | None = None, shift: float | None = None,
                  batch_size: int = 64, shard_size: int = 1000, part: str = "0/1", seed: int = 0, npz: bool = False,
                  device: str = "auto", progress: bool = True, config_file: str | Path | None = None,
-                 overrides: tuple[str, ...] = (), reset: bool = False) -> dict | str | None:
+                 overrides: tuple[str, ...] = (), reset: bool = False, precision: str | None = None,
+                 compile: bool | None = None, compile_backend: str = "inductor") -> dict | str | None:
     """Sample this job's missing shards; write the manifest (and npz) once every shard exists.
     Settings: the checkpoint's `sampling` section, then `config_file`'s and `overrides` (sampling.* only), then
     the explicit arguments. With `reset`, only prepare the folder for them (sample_folder.reset) and return
@@ -156,10 +168,11 @@ def run_sampling(ckpt: Path, num: int, out: Path, *, sampler: str | None = None,
     d = distributed.init(device)
     try:
         model, state = load_ema_model(Path(ckpt))
-        model = model.to(d.device)
-        sc = section_over(state["config"], "sampling", config_file, overrides)
+        sc = section_over(with_sampling_defaults(state["config"]), "sampling", config_file, overrides)
         settings = sampling_settings(state, sc, sampler=sampler, steps=steps, guidance=guidance, interval=interval,
-                                     shift=shift, seed=seed, num=num, shard_size=shard_size)
+                                     shift=shift, seed=seed, num=num, shard_size=shard_size, precision=precision,
+                                     compile=compile, noise_device=d.device.type)
+        engine = build_engine(model, d.device, settings["precision"], settings["compile"], compile_backend)
         out = Path(out)
         identity = {**settings, "ckpt_step": state["step"], "ckpt_digest": weights_digest(state)}
         if reset:
@@ -170,7 +183,7 @@ def run_sampling(ckpt: Path, num: int, out: Path, *, sampler: str | None = None,
                 if d.is_main else nullcontext())
         with lock:
             sample_folder.check_settings(out, {**identity, "ckpt": str(ckpt)}, write=d.is_main)
-            return sample_part(model, state, settings, identity, ckpt, out, part_index, parts, d, batch_size,
+            return sample_part(engine, state, settings, identity, ckpt, out, part_index, parts, d, batch_size,
                                npz, progress)
     finally:
         distributed.shutdown()
