@@ -30,7 +30,7 @@ def random_model(seed: int = 0) -> JiT:
 
 
 SETTINGS = {"seed": 0, "noise_scale": 1.0, "sampler": "euler", "steps": 3, "guidance": 2.0, "interval": [0.1, 0.9],
-            "shift": 1.0, "t_eps": 0.05, "corrector_interval_at": "t_cur"}
+            "shift": 1.0, "t_eps": 0.05, "corrector_interval_at": "t_cur", "noise_device": "cpu"}
 
 
 def images_of(engine, indices, batch_size):
@@ -148,9 +148,18 @@ def test_precision_compile_and_noise_device_are_in_the_folder_identity(tmp_path)
     assert (recorded["precision"], recorded["compile"], recorded["noise_device"]) == ("fp32", False, "cpu")
     with pytest.raises(PixelgenError, match="precision fp32.*precision bf16"):
         run(export, tmp_path / "s", precision="bf16")
-    cuda_identity = {**recorded, "noise_device": "cuda"}
-    with pytest.raises(PixelgenError, match="noise_device cpu.*noise_device cuda"):
-        sample_folder.check_settings(tmp_path / "s", cuda_identity, write=False)
+    with pytest.raises(PixelgenError, match="noise_device cpu.*noise_device cuda"):  # CPU noise, a CUDA-noise run
+        run(export, tmp_path / "s", overrides=("sampling.noise_device=cuda",))
+
+
+def test_cuda_noise_needs_a_gpu_to_sample_but_not_to_reset_a_folder(tmp_path):
+    _, export = write_checkpoints(tmp_path)
+    cuda_noise = ("sampling.noise_device=cuda",)
+    assert run(export, tmp_path / "s", overrides=cuda_noise, reset=True) == "new"  # a workflow's CPU reset job
+    assert json.loads((tmp_path / "s/settings.json").read_text())["noise_device"] == "cuda"
+    with pytest.raises(PixelgenError, match="noise_device is cuda but this job samples on cpu"):
+        run(export, tmp_path / "s", overrides=cuda_noise)
+    assert not list((tmp_path / "s").glob("samples-*.tar"))
 
 
 def test_folders_recorded_before_these_settings_count_as_cpu_fp32_eager(tmp_path):
@@ -160,7 +169,7 @@ def test_folders_recorded_before_these_settings_count_as_cpu_fp32_eager(tmp_path
     old = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("precision", "compile", "noise_device")}
     path.write_text(json.dumps(old))
     run(export, tmp_path / "s")  # accepted: the same settings
-    with pytest.raises(PixelgenError, match="noise_device cpu"):
+    with pytest.raises(PixelgenError, match="noise_device cpu; this run asks noise_device cuda"):
         sample_folder.check_settings(tmp_path / "s", {**old, "precision": "fp32", "compile": False,
                                                       "noise_device": "cuda"}, write=False)
 
@@ -169,3 +178,17 @@ def test_a_bad_precision_is_one_line(tmp_path):
     _, export = write_checkpoints(tmp_path)
     with pytest.raises(PixelgenError, match="precision must be one of fp32, bf16"):
         run(export, tmp_path / "s", overrides=("sampling.precision=fp16",))
+
+
+def test_cli_precision_and_compile_flags_reach_the_job(monkeypatch):
+    from pixelgen import cli
+
+    seen = {}
+    monkeypatch.setattr(sample_job, "run_sampling", lambda *a, **kw: seen.update(kw) or "kept")
+    common = ["sample", "--ckpt", "c.pt", "--num", "4", "--out", "o", "--reset"]
+    assert cli.main([*common, "--precision", "bf16", "--compile"]) == 0
+    assert (seen["precision"], seen["compile"]) == ("bf16", True)
+    assert cli.main([*common, "--no-compile"]) == 0
+    assert (seen["precision"], seen["compile"]) == (None, False)  # None: the checkpoint's sampling.precision
+    help_text = cli.build_parser()._subparsers._group_actions[0].choices["sample"].format_help()
+    assert "--precision {fp32,bf16}" in help_text and "--compile, --no-compile" in help_text

@@ -30,7 +30,8 @@ from .errors import PixelgenError
 from .images import to_uint8
 from .model import build_model
 from .progress import progress as progress_bar
-from .sampling_engine import Engine, ShardWriter, build_engine, image_noise, padded, tf32_allowed
+from .sampling_engine import (Engine, ShardWriter, build_engine, check_noise_device, image_noise, padded,
+                              tf32_allowed)
 from .solvers import evaluations, sample
 
 def labels_for(indices: list[int], num_classes: int) -> torch.Tensor:
@@ -78,10 +79,10 @@ def weights_digest(state: dict) -> str:
 
 
 def sampling_settings(state: dict, sc: dict, *, sampler, steps, guidance, interval, shift, seed, num,
-                      shard_size, precision=None, compile=None, noise_device="cpu") -> dict:
+                      shard_size, precision=None, compile=None) -> dict:
     """The checkpoint's (or config's) `sampling` section `sc` under the explicit arguments."""
     return {"precision": precision or sc["precision"], "compile": sc["compile"] if compile is None else compile,
-            "noise_device": noise_device, "sampler": sampler or sc["sampler"], "steps": steps or sc["steps"],
+            "noise_device": sc["noise_device"], "sampler": sampler or sc["sampler"], "steps": steps or sc["steps"],
             "guidance": sc["guidance"] if guidance is None else guidance, "interval": list(interval or sc["interval"]),
             "shift": sc["shift"] if shift is None else shift, "seed": seed, "num": num,
             "shard_size": shard_size, "t_eps": state["config"]["flow"]["t_eps"],
@@ -98,11 +99,12 @@ def sample_images(engine: Engine, indices: list[int], settings: dict, batch_size
                   writer: ShardWriter) -> tuple[list, list]:
     """The PNGs (futures, encoded by `writer`) and labels of the given sample indices."""
     pngs, labels = [], []
+    noise_on = engine.device if settings["noise_device"] == "cuda" else "cpu"  # cuda: this rank's GPU
     for b in range(0, len(indices), batch_size):
         batch = indices[b:b + batch_size]
         run = padded(batch, batch_size) if engine.static_batch else batch
         noise = torch.stack([image_noise(i, settings["seed"], (3, engine.image_size, engine.image_size),
-                                         engine.device) for i in run])
+                                         noise_on) for i in run]).to(engine.device)
         y = labels_for(run, engine.num_classes).to(engine.device)
         images = sample(engine.denoise, noise * settings["noise_scale"], y, sampler=settings["sampler"],
                         steps=settings["steps"], guidance=settings["guidance"], interval=tuple(settings["interval"]),
@@ -121,20 +123,17 @@ def sample_part(engine: Engine, state: dict, settings: dict, identity: dict, ckp
     n_shards = (num + shard_size - 1) // shard_size
     mine = [k for k in range(n_shards) if k % parts == part_index][d.rank::d.world_size]
     done = [k for k in mine if sample_folder.shard_path(out, k).exists()]
+    check_noise_device(settings["noise_device"], engine.device, sampling=len(done) < len(mine))
     sizes = {k: len(shard_indices(k, shard_size, num)) for k in mine}
     with progress_bar(sum(sizes.values()), "sample", initial=sum(sizes[k] for k in done), every=0,
                       enabled=progress and d.is_main) as bar:
         with ShardWriter() as writer, tf32_allowed(engine.device, engine.precision == "bf16"):
-            def log(finished):
-                done.extend(finished)
-                for _ in finished:
-                    bar.log(f"shard {len(done)}/{len(mine)} done")
-
-            for k in [k for k in mine if k not in done]:
+            for n, k in enumerate([k for k in mine if k not in done], len(done) + 1):
                 indices = shard_indices(k, shard_size, num)
                 pngs, labels = sample_images(engine, indices, settings, batch_size, bar, writer)
-                log(writer.write(sample_folder.shard_path(out, k), indices, pngs, labels))
-            log(writer.collect())
+                writer.write(sample_folder.shard_path(out, k), indices, pngs, labels)  # raises earlier failures
+                bar.log(f"shard {n}/{len(mine)} done")  # sampled; its write (in a thread) fails the job if it fails
+            writer.collect()
     distributed.barrier(d)
     if not d.is_main or not all(sample_folder.shard_path(out, k).exists() for k in range(n_shards)):
         return None
@@ -171,10 +170,11 @@ def run_sampling(ckpt: Path, num: int, out: Path, *, sampler: str | None = None,
         sc = section_over(with_sampling_defaults(state["config"]), "sampling", config_file, overrides)
         settings = sampling_settings(state, sc, sampler=sampler, steps=steps, guidance=guidance, interval=interval,
                                      shift=shift, seed=seed, num=num, shard_size=shard_size, precision=precision,
-                                     compile=compile, noise_device=d.device.type)
+                                     compile=compile)
         engine = build_engine(model, d.device, settings["precision"], settings["compile"], compile_backend)
         out = Path(out)
         identity = {**settings, "ckpt_step": state["step"], "ckpt_digest": weights_digest(state)}
+        check_noise_device(settings["noise_device"], d.device, sampling=False)
         if reset:
             return sample_folder.reset(out, {**identity, "ckpt": str(ckpt)}) if d.is_main else None
         # one job per part: the main process holds the part's lock (another job's main process is refused, and

@@ -8,8 +8,9 @@ unless a setting says so (every such setting is in the sample folder's identity,
   TF32 is allowed on CUDA for what stays fp32. "fp32": exactly today's eager fp32 (TF32 off).
 - compile: torch.compile with static shapes; the last batch of a shard is padded to the batch size so that only
   the first batch compiles (twice at most: guidance runs the model on a doubled batch).
-- noise: image i's noise comes from a generator on the sampling device seeded by (seed, i) alone, so it is the
-  same for any batch size or GPU count; CPU and CUDA generators give different numbers, hence `noise_device`.
+- noise: image i's noise comes from a generator seeded by (seed, i) alone, on `sampling.noise_device` (cpu, as
+  every earlier pixelgen, or cuda: no host work and copy per batch), so it is the same for any batch size or GPU
+  count; CPU and CUDA generators give different numbers, hence `noise_device` in the folder identity.
 - ShardWriter: PNG encoding and the atomic shard writes run in threads while the next batch samples.
 """
 
@@ -28,6 +29,7 @@ from torch import nn
 from .errors import PixelgenError
 
 PRECISIONS = ("fp32", "bf16")
+NOISE_DEVICES = ("cpu", "cuda")
 MATMUL_MODULES = (nn.Linear, nn.Conv2d)  # the modules autocast runs in bf16 (norms and embeddings it leaves)
 
 
@@ -43,6 +45,17 @@ def check_precision(precision: str) -> str:
         raise PixelgenError(f"sampling precision must be one of {', '.join(PRECISIONS)}, got {precision!r}; "
                             f"set --precision or sampling.precision", exit_code=2)
     return precision
+
+
+def check_noise_device(noise_device: str, device: torch.device, sampling: bool) -> str:
+    """The noise device is a setting (recorded in the folder), so a job that samples must be able to use it."""
+    if noise_device not in NOISE_DEVICES:
+        raise PixelgenError(f"sampling.noise_device must be one of {', '.join(NOISE_DEVICES)}, got "
+                            f"{noise_device!r}", exit_code=2)
+    if sampling and noise_device == "cuda" and device.type != "cuda":
+        raise PixelgenError(f"sampling.noise_device is cuda but this job samples on {device}: run it on a GPU "
+                            f"(--device cuda), or sample into a new --out with --set sampling.noise_device=cpu")
+    return noise_device
 
 
 def convert_matmul_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
