@@ -10,7 +10,6 @@ from pixelgen import checkpoint, sample_folder, sample_job
 from pixelgen.checkpoint import save_atomic
 from pixelgen.config import load_config
 from pixelgen.errors import PixelgenError
-from pixelgen.images import to_uint8
 from pixelgen.model import JiT, jit_config
 from pixelgen.progress import progress as progress_bar
 from pixelgen.sampling_engine import ShardWriter, build_engine, image_noise

@@ -5,7 +5,8 @@ is the same whatever the batch size, the number of GPUs, or how the work is spli
 Work is done in shards of --shard-size images (samples-000000.tar, ...), each written atomically: a rerun
 after a kill writes only the missing shards. When every shard exists, the job writes samples.json (and
 samples.npz in the ADM evaluator's format with --npz); running the command again once all parts are done is
-the "gather" step of a scattered sampling job. The folder's layout, writers and readers: sample_folder.py.
+the "gather" step of a scattered sampling job. The folder's layout, writers and readers: sample_folder.py; how
+the denoiser runs (precision, compile, noise device) and PNGs are written in threads: sampling_engine.py.
 Temp files of killed runs are not swept here: parts on other hosts may be writing into the same folder.
 
 A folder holds the samples of one checkpoint and one set of settings (sample_folder.check_settings): the
@@ -20,7 +21,6 @@ from __future__ import annotations
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import checkpoint, distributed, sample_folder
