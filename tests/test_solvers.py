@@ -231,3 +231,23 @@ def test_sampling_a_jit_end_to_end():
                  interval=(0.0, 1.0), null_class=model.null_class)
     # a freshly initialised JiT predicts x_hat = 0, so the last step lands on exactly 0
     assert out.shape == (2, 3, 16, 16) and out.abs().max() < 1e-6
+
+
+def test_pixelgen_sample_passes_the_schedule_and_solver_through_and_records_them(tmp_path, monkeypatch):
+    import json
+
+    from pixelgen import sample_job
+    from pixelgen.checkpoint import save_atomic
+    from pixelgen.config import load_config
+    from pixelgen.model import JiT, jit_config
+
+    config = load_config(overrides=["model.image_size=16", "model.patch_size=4"])
+    net = JiT(jit_config("tiny", image_size=16, patch_size=4))
+    save_atomic({"ema": {"shadow": net.state_dict()}, "config": config, "step": 1}, tmp_path / "c.pt")
+    seen = []
+    monkeypatch.setattr(sample_job, "sample", lambda model, noise, y, **kw: seen.append(kw) or noise.clamp(-1, 1))
+    manifest = sample_job.run_sampling(tmp_path / "c.pt", 2, tmp_path / "out", steps=4, progress=False, device="cpu",
+                                       overrides=("sampling.guidance_schedule=linear", "sampling.sampler=dpm++2m"))
+    assert seen[0]["guidance_schedule"] == "linear" and seen[0]["sampler"] == "dpm++2m"
+    assert manifest["nfe_per_image"] == 4
+    assert json.loads((tmp_path / "out" / "settings.json").read_text())["guidance_schedule"] == "linear"

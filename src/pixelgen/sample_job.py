@@ -81,7 +81,8 @@ def sampling_settings(state: dict, sc: dict, *, sampler, steps, guidance, interv
             "shard_size": shard_size, "t_eps": state["config"]["flow"]["t_eps"],
             # the training noise scale is the sampling noise scale (official: both 1.0)
             "noise_scale": state["config"]["flow"]["noise_scale"],
-            "corrector_interval_at": sc.get("corrector_interval_at", "t_cur")}
+            "corrector_interval_at": sc.get("corrector_interval_at", "t_cur"),
+            "guidance_schedule": sc.get("guidance_schedule", "interval")}
 
 
 def shard_indices(k: int, shard_size: int, num: int) -> list[int]:
@@ -99,7 +100,8 @@ def sample_images(model, indices: list[int], settings: dict, batch_size: int, de
         images = sample(model, noise * settings["noise_scale"], y, sampler=settings["sampler"],
                         steps=settings["steps"], guidance=settings["guidance"], interval=tuple(settings["interval"]),
                         shift=settings["shift"], t_eps=settings["t_eps"], null_class=model.null_class,
-                        corrector_interval_at=settings["corrector_interval_at"])
+                        corrector_interval_at=settings["corrector_interval_at"],
+                        guidance_schedule=settings["guidance_schedule"])
         arrays.append(to_uint8(images))
         labels += y.tolist()
         bar.update(len(batch))
