@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from pixelgen.errors import PixelgenError
 from pixelgen.solvers import evaluations, guidance_scale, guided_x, sample, time_grid
 
 MU, S = 0.7, 0.5  # toy data: every pixel ~ N(MU, S^2), independent; noise N(0, 1)
@@ -251,3 +252,26 @@ def test_pixelgen_sample_passes_the_schedule_and_solver_through_and_records_them
     assert seen[0]["guidance_schedule"] == "linear" and seen[0]["sampler"] == "dpm++2m"
     assert manifest["nfe_per_image"] == 4
     assert json.loads((tmp_path / "out" / "settings.json").read_text())["guidance_schedule"] == "linear"
+    for bad, key in [("sampling.sampler=rk4", "sampling.sampler"), ("sampling.guidance_schedule=ramp", "schedule")]:
+        with pytest.raises(PixelgenError, match=key):
+            sample_job.run_sampling(tmp_path / "c.pt", 2, tmp_path / "bad", steps=4, progress=False, device="cpu",
+                                    overrides=(bad,))
+        assert not (tmp_path / "bad").exists()  # refused before anything is written
+
+
+def test_the_cli_offers_every_solver():
+    from pixelgen.cli import build_parser
+    from pixelgen.solvers import SAMPLERS
+
+    for sampler in SAMPLERS:
+        args = build_parser().parse_args(["sample", "--ckpt", "c.pt", "--num", "1", "--out", "o", "--sampler", sampler])
+        assert args.sampler == sampler
+
+
+def test_a_checkpoint_from_before_the_schedule_key_samples_with_the_default_and_takes_the_setting():
+    from pixelgen.config import load_config, section_over
+
+    old = load_config()
+    del old["sampling"]["guidance_schedule"]  # a checkpoint written before the key existed
+    assert section_over(old, "sampling", None, [])["guidance_schedule"] == "interval"
+    assert section_over(old, "sampling", None, ["sampling.guidance_schedule=cosine"])["guidance_schedule"] == "cosine"

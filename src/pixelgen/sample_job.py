@@ -30,7 +30,7 @@ from .errors import PixelgenError
 from .images import to_uint8
 from .model import build_model
 from .progress import progress as progress_bar
-from .solvers import evaluations, sample
+from .solvers import check_sampling_choices, evaluations, sample
 
 def image_noise(index: int, seed: int, shape: tuple[int, ...]) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed * 1_000_003 + index)  # depends on (seed, index) only
@@ -75,6 +75,7 @@ def weights_digest(state: dict) -> str:
 def sampling_settings(state: dict, sc: dict, *, sampler, steps, guidance, interval, shift, seed, num,
                       shard_size) -> dict:
     """The checkpoint's (or config's) `sampling` section `sc` under the explicit arguments."""
+    check_sampling_choices(sampler or sc["sampler"], sc.get("guidance_schedule", "interval"))
     return {"sampler": sampler or sc["sampler"], "steps": steps or sc["steps"],
             "guidance": sc["guidance"] if guidance is None else guidance, "interval": list(interval or sc["interval"]),
             "shift": sc["shift"] if shift is None else shift, "seed": seed, "num": num,

@@ -22,6 +22,17 @@ SAMPLERS = ("euler", "heun", "dpm++2m", "exp-ab2")
 GUIDANCE_SCHEDULES = ("interval", "linear", "cosine")
 
 
+def check_sampling_choices(sampler: str, guidance_schedule: str) -> None:
+    """Refuse an unknown solver or schedule before anything is sampled or written (one line, naming the fix)."""
+    from .errors import ConfigError
+
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"sampling.sampler: unknown solver {sampler!r} (choose one of {', '.join(SAMPLERS)})")
+    if guidance_schedule not in GUIDANCE_SCHEDULES:
+        raise ConfigError(f"sampling.guidance_schedule: unknown schedule {guidance_schedule!r} "
+                          f"(choose one of {', '.join(GUIDANCE_SCHEDULES)})")
+
+
 def time_grid(steps: int, shift: float = 1.0, device=None) -> torch.Tensor:
     """steps + 1 times from 0 to 1, uniformly spaced then time-shifted; float32 and built like the official
     sampler's (linspace(0, 1 - 1/steps, steps), then 1), so both evaluate the model at the same t."""
