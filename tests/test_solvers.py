@@ -275,3 +275,22 @@ def test_a_checkpoint_from_before_the_schedule_key_samples_with_the_default_and_
     del old["sampling"]["guidance_schedule"]  # a checkpoint written before the key existed
     assert section_over(old, "sampling", None, [])["guidance_schedule"] == "interval"
     assert section_over(old, "sampling", None, ["sampling.guidance_schedule=cosine"])["guidance_schedule"] == "cosine"
+
+
+@pytest.mark.parametrize("sampler", ["dpm++2m", "exp-ab2"])
+def test_multistep_solvers_restart_where_guidance_switches_on_or_off(sampler):
+    """x_hat constant per class jumps where guidance starts and stops; with a restart there every step extrapolates
+    a zero slope, so the result is the first-order exponential step z <- rho z + (1 - rho) x_hat, step by step."""
+    cond, uncond, g, interval, steps = 0.4, -0.2, 3.0, (0.3, 0.7), 10
+    model = lambda z, t, y: torch.where((y == 10).view(-1, 1, 1, 1), uncond, cond).to(z.dtype).expand_as(z)
+    noise = torch.randn(2, 3, 2, 2, dtype=torch.float64)
+    out = sample(model, noise, torch.tensor([1, 2]), sampler=sampler, steps=steps, guidance=g, interval=interval,
+                 null_class=10)
+    from pixelgen.solvers import log_decay
+
+    z, grid = noise.clone(), time_grid(steps).tolist()
+    for t_cur, t_next in zip(grid[:-1], grid[1:]):
+        x_hat = uncond + g * (cond - uncond) if interval[0] < torch.tensor(t_cur) <= interval[1] else cond
+        rho = math.exp(log_decay(t_cur, 0.05) - log_decay(t_next, 0.05))
+        z = rho * z + (1 - rho) * x_hat
+    assert torch.allclose(out, z)

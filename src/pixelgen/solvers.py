@@ -46,6 +46,14 @@ def _float32(v: float) -> float:
     return float(torch.tensor(v, dtype=torch.float32))
 
 
+def guided_at(t: float, guidance: float, interval: tuple[float, float]) -> bool:
+    """Whether guidance applies at t: a scale other than 1 and interval[0] < t <= interval[1]."""
+    # compare in float32 as the official sampler does (its t is a float32 tensor): t = 0.1 on the grid is
+    # 0.1f, which is not > 0.1f, whereas it is > the double 0.1
+    lo, hi = (_float32(v) for v in interval)
+    return guidance != 1.0 and lo < _float32(t) <= hi
+
+
 def guidance_scale(t: float, guidance: float, interval: tuple[float, float] = (0.0, 1.0),
                    schedule: str = "interval") -> float:
     """The guidance scale s(t); 1 (no guidance) outside interval[0] < t <= interval[1].
@@ -55,11 +63,7 @@ def guidance_scale(t: float, guidance: float, interval: tuple[float, float] = (0
     cosine:   s = 1 + (guidance - 1) (1 - cos(pi t)). Both are the increasing schedules of Wang et al. 2024
     (arXiv 2404.13040), scaled so the mean of s over t in [0, 1] is `guidance`.
     """
-    # compare in float32 as the official sampler does (its t is a float32 tensor): t = 0.1 on the grid is
-    # 0.1f, which is not > 0.1f, whereas it is > the double 0.1
-    lo, hi = (_float32(v) for v in interval)
-    t32 = _float32(t)
-    if guidance == 1.0 or not (lo < t32 <= hi):
+    if not guided_at(t, guidance, interval):
         return 1.0
     if schedule == "interval":
         return guidance  # exactly the given scale: the default is bit for bit the official formula
@@ -110,7 +114,7 @@ def _euler_heun(velocity, z: torch.Tensor, grid: list[float], heun: bool, correc
     return z
 
 
-def _dpmpp_2m(x_pred, z: torch.Tensor, grid: list[float], t_eps: float) -> torch.Tensor:
+def _dpmpp_2m(x_pred, z: torch.Tensor, grid: list[float], t_eps: float, switches) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, data prediction) on the sampler's ODE dz/dt = (x_hat - z) / max(1 - t, t_eps).
 
     Each step integrates the linear part exactly, z_next = rho z + (1 - rho) D with rho = exp(L_cur - L_next);
@@ -119,7 +123,9 @@ def _dpmpp_2m(x_pred, z: torch.Tensor, grid: list[float], t_eps: float) -> torch
     and 1 - rho = alpha_next (1 - e^-h_lambda) since alpha + sigma = 1: DPM-Solver++'s weights, with step ratios
     measured in L = -log sigma instead of log-SNR (finite at t = 0, so the second step is second order too).
     The last step is first order (as in DPM-Solver++): without the clamp it lands on x_hat, and extrapolating over
-    its long, sometimes infinite, L-interval would overshoot. One evaluation per step.
+    its long, sometimes infinite, L-interval would overshoot. So is a step where guidance has just switched on or
+    off (`switches(t_prev, t_cur)`): x_hat jumps there, and a slope through the jump would overshoot too.
+    One evaluation per step.
     """
     steps = len(grid) - 1
     x_prev, h_prev = None, None
@@ -128,7 +134,7 @@ def _dpmpp_2m(x_pred, z: torch.Tensor, grid: list[float], t_eps: float) -> torch
         h = l_next - l_cur
         x_cur = x_pred(z, grid[i])
         d = x_cur
-        if x_prev is not None and i < steps - 1:
+        if x_prev is not None and i < steps - 1 and not switches(grid[i - 1], grid[i]):
             d = x_cur + (h / (2.0 * h_prev)) * (x_cur - x_prev)
         rho = math.exp(-h)  # 0 when h is infinite (t_eps = 0 at t = 1): z_next = D
         z = rho * z + (1.0 - rho) * d
@@ -148,20 +154,21 @@ def decay_integral(t_cur: float, t_next: float, t_eps: float) -> float:
     return total
 
 
-def _exp_ab2(x_pred, z: torch.Tensor, grid: list[float], t_eps: float) -> torch.Tensor:
+def _exp_ab2(x_pred, z: torch.Tensor, grid: list[float], t_eps: float, switches) -> torch.Tensor:
     """Exponential Adams-Bashforth 2 on x_hat (DEIS's tAB, Zhang & Chen 2023, in data prediction).
 
     x_hat is extrapolated linearly in t through the last two predictions, x(s) = x_cur + (s - t_cur) slope, and the
     ODE dz/dt = (x(s) - z) / max(1 - t, t_eps) is integrated exactly over the step:
     z_next = rho z + (1 - rho) x_cur + phi slope, phi = integral of (s - t_cur) dE(s) = (t_next - t_cur) - integral of E,
-    E(s) = exp(L(s) - L(t_next)). The first step is first order (no previous prediction). One evaluation per step.
+    E(s) = exp(L(s) - L(t_next)). The first step is first order (no previous prediction), and so is a step where
+    guidance has just switched on or off (`switches`, as in _dpmpp_2m). One evaluation per step.
     """
     x_prev = None
     for t_cur, t_next in zip(grid[:-1], grid[1:]):
         x_cur = x_pred(z, t_cur)
         rho = math.exp(log_decay(t_cur, t_eps) - log_decay(t_next, t_eps))
         z = rho * z + (1.0 - rho) * x_cur
-        if x_prev is not None:
+        if x_prev is not None and not switches(t_prev, t_cur):
             phi = (t_next - t_cur) - decay_integral(t_cur, t_next, t_eps)
             z = z + (phi / (t_cur - t_prev)) * (x_cur - x_prev)
         x_prev, t_prev = x_cur, t_cur
@@ -195,10 +202,13 @@ def sample(model: Model, noise: torch.Tensor, y: torch.Tensor, *, sampler: str =
     def velocity(z_: torch.Tensor, t_: float, guide_t: float) -> torch.Tensor:
         return x_to_v(x_pred(z_, t_, guide_t), z_, torch.full((z_.shape[0],), t_, device=z_.device), t_eps)
 
+    def switches(t_prev: float, t_cur: float) -> bool:
+        return guided_at(t_prev, guidance, interval) != guided_at(t_cur, guidance, interval)
+
     if sampler == "dpm++2m":
-        return _dpmpp_2m(x_pred, noise, grid, t_eps)
+        return _dpmpp_2m(x_pred, noise, grid, t_eps, switches)
     if sampler == "exp-ab2":
-        return _exp_ab2(x_pred, noise, grid, t_eps)
+        return _exp_ab2(x_pred, noise, grid, t_eps, switches)
     return _euler_heun(velocity, noise, grid, sampler == "heun", corrector_interval_at == "t_next")
 
 
