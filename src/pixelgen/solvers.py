@@ -1,4 +1,4 @@
-"""ODE samplers for x-prediction flow models: Euler, Heun and DPM-Solver++(2M), with time shift and guidance.
+"""ODE samplers for x-prediction flow models: Euler, Heun, DPM-Solver++(2M) and exponential AB2; time shift, guidance.
 
 The model is any callable `model(z, t, y) -> x_hat`. Integration runs from t = 0 (pure noise) to t = 1 (clean).
 Classifier-free guidance mixes conditional and unconditional predictions, x_u + s(t) (x_c - x_u), only while
@@ -159,8 +159,8 @@ def _exp_ab2(x_pred, z: torch.Tensor, grid: list[float], t_eps: float, switches)
 
     x_hat is extrapolated linearly in t through the last two predictions, x(s) = x_cur + (s - t_cur) slope, and the
     ODE dz/dt = (x(s) - z) / max(1 - t, t_eps) is integrated exactly over the step:
-    z_next = rho z + (1 - rho) x_cur + phi slope, phi = integral of (s - t_cur) dE(s) = (t_next - t_cur) - integral of E,
-    E(s) = exp(L(s) - L(t_next)). The first step is first order (no previous prediction), and so is a step where
+    z_next = rho z + (1 - rho) x_cur + phi slope, with E(s) = exp(L(s) - L(t_next)) and
+    phi = integral of (s - t_cur) dE(s) = (t_next - t_cur) - integral of E (by parts). The first step is first order (no previous prediction), and so is a step where
     guidance has just switched on or off (`switches`, as in _dpmpp_2m). One evaluation per step.
     """
     x_prev = None
