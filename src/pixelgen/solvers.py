@@ -160,8 +160,9 @@ def _exp_ab2(x_pred, z: torch.Tensor, grid: list[float], t_eps: float, switches)
     x_hat is extrapolated linearly in t through the last two predictions, x(s) = x_cur + (s - t_cur) slope, and the
     ODE dz/dt = (x(s) - z) / max(1 - t, t_eps) is integrated exactly over the step:
     z_next = rho z + (1 - rho) x_cur + phi slope, with E(s) = exp(L(s) - L(t_next)) and
-    phi = integral of (s - t_cur) dE(s) = (t_next - t_cur) - integral of E (by parts). The first step is first order (no previous prediction), and so is a step where
-    guidance has just switched on or off (`switches`, as in _dpmpp_2m). One evaluation per step.
+    phi = integral of (s - t_cur) dE(s) = (t_next - t_cur) - integral of E (by parts). The first step is first
+    order (no previous prediction), and so is a step where guidance has just switched on or off (`switches`, as
+    in _dpmpp_2m). One evaluation per step.
     """
     x_prev = None
     for t_cur, t_next in zip(grid[:-1], grid[1:]):
