@@ -30,8 +30,9 @@ def steps_for(sampler: str, nfe: int) -> int:
 
 def run(model, state, noise, y, sampler: str, steps: int, args) -> torch.Tensor:
     sc, flow = state["config"]["sampling"], state["config"]["flow"]
+    interval = tuple(args.interval or sc["interval"])
     return sample(model, noise * flow["noise_scale"], y, sampler=sampler, steps=steps, guidance=args.guidance,
-                  interval=tuple(sc["interval"]), shift=args.shift, t_eps=flow["t_eps"], null_class=model.null_class)
+                  interval=interval, shift=args.shift, t_eps=flow["t_eps"], null_class=model.null_class)
 
 
 def measure(args) -> list[dict]:
@@ -87,6 +88,8 @@ def main() -> None:
     p.add_argument("--ref-sampler", default="heun", choices=SAMPLERS)
     p.add_argument("--ref-steps", type=int, default=1000)
     p.add_argument("--guidance", type=float, default=1.0)
+    p.add_argument("--interval", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="guidance interval (default: the checkpoint's)")
     p.add_argument("--shift", type=float, default=1.0)
     p.add_argument("--plot", default=str(Path(__file__).with_name("solvers_error_vs_nfe.png")))
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -94,7 +97,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = measure(args)
     print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.num} images, "
-          f"reference {args.ref_sampler}-{args.ref_steps}, guidance {args.guidance}, shift {args.shift}\n")
+          f"reference {args.ref_sampler}-{args.ref_steps}, guidance {args.guidance}, "
+          f"interval {args.interval or 'checkpoint'}, shift {args.shift}\n")
     print(table(rows))
     plot(rows, Path(args.plot), f"{Path(args.ckpt).name}: error vs NFE")
     print(f"\nplot: {args.plot}")
