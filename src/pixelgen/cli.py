@@ -166,7 +166,8 @@ def add_sample(sub) -> None:
     sp.add_argument("--num", type=positive_int, required=True, help="number of images (50000 for the ImageNet evaluation)")
     sp.add_argument("--out", required=True, help="output folder (samples-*.tar, samples.json)")
     add_sampling_section_args(sp, "the checkpoint's")
-    sp.add_argument("--sampler", choices=["euler", "heun"], help="ODE solver (default: from the checkpoint config)")
+    sp.add_argument("--sampler", choices=["euler", "heun", "dpm++2m", "exp-ab2"],
+                    help="ODE solver (default: from the checkpoint config)")
     sp.add_argument("--steps", type=positive_int, help="solver steps (Heun-50 = 99 evaluations)")
     sp.add_argument("--guidance", type=float, help="guidance scale (1.0 = no unconditional pass)")
     sp.add_argument("--interval", type=float, nargs=2, metavar=("LO", "HI"), help="guidance only for LO < t <= HI")

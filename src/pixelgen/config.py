@@ -189,7 +189,8 @@ def section_over(config: dict, section: str, path: str | Path | None, overrides:
     """One section of a resolved config (a checkpoint's, say) with a --config FILE's same section and
     `--set section.key=value` items over it. The file is checked whole, so a typo anywhere in it still fails;
     a --set outside the section fails too, because it would be silently ignored."""
-    result = {section: copy.deepcopy(config[section])}
+    # keys added to base.yaml after the checkpoint was written take their defaults (the behaviour it was made with)
+    result = {section: {**copy.deepcopy(base_config()[section]), **copy.deepcopy(config[section])}}
     if path is not None:
         user = read_config_file(path)
         merge(base_config(), user)  # validates the whole file

@@ -32,7 +32,7 @@ from .model import build_model
 from .progress import progress as progress_bar
 from .sampling_engine import (Engine, ShardWriter, build_engine, check_noise_device, image_noise, padded,
                               tf32_allowed)
-from .solvers import evaluations, sample
+from .solvers import check_sampling_choices, evaluations, sample
 
 def labels_for(indices: list[int], num_classes: int) -> torch.Tensor:
     """Class-balanced: image i gets class i % C, so any N that is a multiple of C has N / C per class."""
@@ -81,6 +81,7 @@ def weights_digest(state: dict) -> str:
 def sampling_settings(state: dict, sc: dict, *, sampler, steps, guidance, interval, shift, seed, num,
                       shard_size, precision=None, compile=None) -> dict:
     """The checkpoint's (or config's) `sampling` section `sc` under the explicit arguments."""
+    check_sampling_choices(sampler or sc["sampler"], sc.get("guidance_schedule", "interval"))
     return {"precision": precision or sc["precision"], "compile": sc["compile"] if compile is None else compile,
             "noise_device": sc["noise_device"], "sampler": sampler or sc["sampler"], "steps": steps or sc["steps"],
             "guidance": sc["guidance"] if guidance is None else guidance, "interval": list(interval or sc["interval"]),
@@ -88,7 +89,8 @@ def sampling_settings(state: dict, sc: dict, *, sampler, steps, guidance, interv
             "shard_size": shard_size, "t_eps": state["config"]["flow"]["t_eps"],
             # the training noise scale is the sampling noise scale (official: both 1.0)
             "noise_scale": state["config"]["flow"]["noise_scale"],
-            "corrector_interval_at": sc.get("corrector_interval_at", "t_cur")}
+            "corrector_interval_at": sc.get("corrector_interval_at", "t_cur"),
+            "guidance_schedule": sc.get("guidance_schedule", "interval")}
 
 
 def shard_indices(k: int, shard_size: int, num: int) -> list[int]:
@@ -109,7 +111,8 @@ def sample_images(engine: Engine, indices: list[int], settings: dict, batch_size
         images = sample(engine.denoise, noise * settings["noise_scale"], y, sampler=settings["sampler"],
                         steps=settings["steps"], guidance=settings["guidance"], interval=tuple(settings["interval"]),
                         shift=settings["shift"], t_eps=settings["t_eps"], null_class=engine.null_class,
-                        corrector_interval_at=settings["corrector_interval_at"])
+                        corrector_interval_at=settings["corrector_interval_at"],
+                        guidance_schedule=settings["guidance_schedule"])
         pngs += writer.encode(to_uint8(images[:len(batch)]))  # encoded while the next batch samples
         labels += y[:len(batch)].tolist()
         bar.update(len(batch))
