@@ -58,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["B/16", "XL/16"], help="model sizes (default B/16 XL/16)")
     parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--patch-size", type=int, help="model.patch_size (default: the size's own)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, help="per-GPU training batch (GPU 32, CPU 8)")
     parser.add_argument("--warmup", type=int, help="untimed training steps first, compilation included (GPU 5)")
@@ -141,7 +142,8 @@ def bench_config(args, size: str, shards: Path) -> dict:
     # the paper's REPA block 8 does not exist in the 6-block tiny model: depth // 3 there (the base default)
     repa = [f"loss.repa_block={SIZES[size].depth // 3}"] if SIZES[size].depth < 8 else []
     return load_config(PAPER_CONFIG, overrides=repa + [
-        f"model.size={size}", f"model.image_size={args.image_size}", f"model.num_classes={args.classes}",
+        f"model.size={size}", f"model.image_size={args.image_size}",
+        *([f"model.patch_size={args.patch_size}"] if args.patch_size else []), f"model.num_classes={args.classes}",
         "encoders.random_init=true", f"data.shards={shards}", f"data.batch_size={args.batch}",
         f"data.workers={args.workers}", f"data.shuffle_buffer={4 * args.batch}",
         f"train.device={'cuda' if args.device.startswith('cuda') else 'cpu'}",
