@@ -53,8 +53,9 @@ def test_in_context_tokens_and_modulation_are_counted_where_they_run():
     assert without.attention == 4 * 768 * 12 * 256 ** 2 and without.forward < flops.forward
 
 
-def test_encoder_flops_and_formula_add_up_to_a_real_training_step():
-    config = small_config(encoders={"dino_input_size": 28}, loss={"gate": 0.3})
+@pytest.mark.parametrize("rescale", ["false", "true"])  # true: LPIPS runs at 128 px (32 px x 16 / patch 4)
+def test_encoder_flops_and_formula_add_up_to_a_real_training_step(rescale):
+    config = small_config(encoders={"dino_input_size": 28}, loss={"gate": 0.3, "lpips_rescale_to_p16": rescale})
     criterion = PixelGenLoss(config, model_grid=8, patch_size=4)
     denoiser = build_denoiser(config, criterion.repa_dim)
     x = torch.rand(6, 3, 32, 32) * 2 - 1

@@ -141,18 +141,20 @@ class EncoderFlops:
 
 
 def encoder_flops(criterion, image_size: int) -> EncoderFlops:
-    """Measured per-image encoder FLOPs of a PixelGenLoss at `image_size` (its encoders copied to meta)."""
+    """Measured per-image encoder FLOPs of a PixelGenLoss at `image_size` (a copy of it on meta, called the way
+    its forward calls the encoders, LPIPS's resize to patch-16 scale included)."""
+    meta = on_meta(criterion)
+    cfg = meta.cfg
     dino_clean = pdino = lpips = 0
-    if criterion.dino is not None:
-        dino = on_meta(criterion.dino)
-        layers = criterion._dino_layers() if criterion.cfg["repa_weight"] > 0 else [criterion.cfg["pdino_layer"]]
-        dino_clean = counted(lambda: dino(meta_images(1, image_size), layers))
-        if criterion.cfg["pdino_weight"] > 0:
-            pdino = counted(lambda: dino(meta_images(1, image_size, True), [criterion.cfg["pdino_layer"]])[0]
+    if meta.dino is not None:
+        layers = meta._dino_layers() if cfg["repa_weight"] > 0 else [cfg["pdino_layer"]]
+        dino_clean = counted(lambda: meta.dino(meta_images(1, image_size), layers))
+        if cfg["pdino_weight"] > 0:
+            pdino = counted(lambda: meta.dino(meta_images(1, image_size, True), [cfg["pdino_layer"]])[0]
                             .sum().backward())
-    if criterion.lpips is not None and criterion.cfg["lpips_weight"] > 0:
-        lp = on_meta(criterion.lpips)
-        lpips = counted(lambda: lp(meta_images(1, image_size, True), meta_images(1, image_size)).sum().backward())
+    if meta.lpips is not None and cfg["lpips_weight"] > 0:
+        lpips = counted(lambda: meta._lpips(meta_images(1, image_size, True), meta_images(1, image_size))
+                        .sum().backward())
     return EncoderFlops(dino_clean, pdino, lpips)
 
 
