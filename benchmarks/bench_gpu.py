@@ -48,7 +48,7 @@ RESULTS = Path(__file__).parent / "RESULTS.md"
 PAPER_CONFIG = REPO / "config" / "pixelgen" / "imagenet256.yaml"
 TARGET = 50_000
 # per-device defaults: a full run on a GPU in about 6 minutes, a smoke run on a CPU in well under 2
-DEFAULTS = {"cuda": dict(batch=32, warmup=5, steps=20, sample_num=256, sample_batch=64, classes=1000, workers=8,
+DEFAULTS = {"cuda": dict(batch=32, warmup=5, steps=20, sample_num=96, sample_batch=32, classes=1000, workers=8,
                          compile=True),
             "cpu": dict(batch=8, warmup=1, steps=2, sample_num=8, sample_batch=4, classes=10, workers=0,
                         compile=False)}
@@ -63,8 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, help="per-GPU training batch (GPU 32, CPU 8)")
     parser.add_argument("--warmup", type=int, help="untimed training steps first, compilation included (GPU 5)")
     parser.add_argument("--steps", type=int, help="timed training steps (GPU 20)")
-    parser.add_argument("--sample-num", type=int, help="images sampled and scored in the larger run (GPU 256)")
-    parser.add_argument("--sample-batch", type=int, help="sampling batch; the smaller run samples one batch")
+    parser.add_argument("--sample-num", type=int, help="images sampled and scored in the larger run (GPU 96)")
+    parser.add_argument("--sample-batch", type=int, help="sampling batch (GPU 32); the smaller run samples one batch")
     parser.add_argument("--sample-steps", type=int, default=50, help="solver steps (default 50; fewer: smoke tests)")
     parser.add_argument("--classes", type=int, help="classes in the synthetic shards and model (GPU 1000)")
     parser.add_argument("--workers", type=int, help="data.workers (GPU 8, CPU 0)")
@@ -112,8 +112,8 @@ def extrapolate(small: tuple[int, float], large: tuple[int, float], target: int 
 
 
 def make_shards(work: Path, image_size: int, classes: int, images: int) -> Path:
-    """Training shards of synthetic images at `image_size` with `classes` classes (ImageNet's 1000 by default),
-    written by the production sharder. Classes beyond the demo's shapes reuse its images through hard links."""
+    """Training shards of synthetic images at `image_size` with `classes` classes (ImageNet's 1000 on a GPU) and
+    at least `images` images, written by the production sharder (PNG, as `pixelgen shard`'s default)."""
     from pixelgen.demo_data import CLASSES, write_demo_dataset
     from pixelgen.shards import ShardSettings, build_shards
 
@@ -123,8 +123,9 @@ def make_shards(work: Path, image_size: int, classes: int, images: int) -> Path:
     per_class = math.ceil(max(images, classes) / classes)
     demo = work / f"demo{image_size}"
     drawn = min(classes, len(CLASSES))
-    write_demo_dataset(demo, resolution=image_size, per_class=math.ceil(per_class * classes / drawn),
-                       num_classes=drawn, progress=False)
+    # `images` distinct drawings (about 50 ms each at 256 px), linked into the class folders as often as needed
+    write_demo_dataset(demo, resolution=image_size, per_class=math.ceil(images / drawn), num_classes=drawn,
+                       progress=False)
     pool = sorted(demo.rglob("*.png"))
     folder = work / f"folder{image_size}-{classes}"
     for c in range(classes):
@@ -179,12 +180,12 @@ def time_training(config: dict, run_dir: Path, warmup: int, steps: int) -> Train
         trainer.train_step(*next(batches))
     outputs = []
     seconds = timed(lambda: outputs.extend(trainer.train_step(*next(batches))[0] for _ in range(steps)), device)
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
     batch = config["data"]["batch_size"]
     encoders = encoder_flops(trainer.criterion, config["model"]["image_size"])
     pdino_all = not config["loss"]["pdino_gated"]
     gated = [round(out.terms["gated_fraction"] * batch) for out in outputs]
     encoder_total = sum(encoders.per_step(batch, g, batch if pdino_all and g else g) for g in gated)
-    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
     ckpt = save_ema_checkpoint(trainer, run_dir)
     return TrainResult(images_per_s=steps * batch * dist.world_size / seconds, step_ms=1000 * seconds / steps,
                        jit_flops_per_image=denoiser_flops(trainer.denoiser).training,
@@ -350,6 +351,7 @@ def main(argv=None) -> list[Row]:
         say(f"{device_name}: shards of {images} images at {args.image_size} px in {work}")
         shards = make_shards(work, args.image_size, args.classes, images)
         rows = [bench_size(args, size, work, shards) for size in args.sizes]
+    distributed.shutdown()
     if int(os.environ.get("RANK", "0")) != 0:
         return rows
     table = markdown(rows, args, device_name, part, peak, any(r.inception_real for r in rows))
