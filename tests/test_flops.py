@@ -101,3 +101,20 @@ def test_peaks_are_the_dense_bf16_figures_and_cpu_has_none():
     assert PEAK_BF16_TFLOPS["H100 SXM"] == 989.4 and PEAK_BF16_TFLOPS["H100 PCIe"] == 756.0
     assert PEAK_BF16_TFLOPS["H100 NVL"] == 835.0 and PEAK_BF16_TFLOPS["A100"] == 312.0
     assert device_peak(torch.device("cpu")) == ("CPU", None, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_formula_equals_the_counter_on_the_cuda_kernels():
+    # on CUDA, attention runs as a fused kernel (flash / memory-efficient) that FlopCounterMode has formulas for
+    device = torch.device("cuda")
+    cfg = SIZES["B/16"]
+    denoiser = Denoiser(JiT(cfg), repa_block=8, encoder_dim=768).to(device)
+    z = torch.randn(2, 3, 256, 256, device=device)
+    t, y = torch.rand(2, device=device), torch.randint(0, 1000, (2,), device=device)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        trained = counted(lambda: sum(out.float().sum() for out in denoiser(z, t, y)).backward())
+    assert trained == 2 * denoiser_flops(denoiser).training
+    name, part, peak = device_peak(device)
+    if any(known in name for known in ("H100", "H200", "A100")):
+        assert peak == PEAK_BF16_TFLOPS[part] * 1e12
