@@ -49,9 +49,9 @@ PAPER_CONFIG = REPO / "config" / "pixelgen" / "imagenet256.yaml"
 TARGET = 50_000
 # per-device defaults: a full run on a GPU in about 6 minutes, a smoke run on a CPU in well under 2
 DEFAULTS = {"cuda": dict(batch=32, warmup=5, steps=20, sample_num=96, sample_batch=32, classes=1000, workers=8,
-                         compile=True),
-            "cpu": dict(batch=8, warmup=1, steps=2, sample_num=8, sample_batch=4, classes=10, workers=0,
-                        compile=False)}
+                         compile=True, sample_steps=50),
+            "cpu": dict(batch=4, warmup=1, steps=2, sample_num=8, sample_batch=4, classes=10, workers=0,
+                        compile=False, sample_steps=10)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,12 +60,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--patch-size", type=int, help="model.patch_size (default: the size's own)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int, help="per-GPU training batch (GPU 32, CPU 8)")
+    parser.add_argument("--batch", type=int, help="per-GPU training batch (GPU 32, CPU 4)")
     parser.add_argument("--warmup", type=int, help="untimed training steps first, compilation included (GPU 5)")
     parser.add_argument("--steps", type=int, help="timed training steps (GPU 20)")
     parser.add_argument("--sample-num", type=int, help="images sampled and scored in the larger run (GPU 96)")
     parser.add_argument("--sample-batch", type=int, help="sampling batch (GPU 32); the smaller run samples one batch")
-    parser.add_argument("--sample-steps", type=int, default=50, help="solver steps (default 50; fewer: smoke tests)")
+    parser.add_argument("--sample-steps", type=int, help="solver steps (GPU 50; CPU 10, a smoke run)")
     parser.add_argument("--classes", type=int, help="classes in the synthetic shards and model (GPU 1000)")
     parser.add_argument("--workers", type=int, help="data.workers (GPU 8, CPU 0)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
