@@ -18,14 +18,14 @@ nvidia-smi --query-gpu=name,memory.total,power.limit --format=csv,noheader || tr
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
 
 log "pytest -m gpu"
-timeout 150 "$PYTHON" -m pytest -q -m gpu tests/ 2>&1 | tail -20
+timeout 120 "$PYTHON" -m pytest -q -m gpu tests/ 2>&1 | tail -20
 tests_rc=${PIPESTATUS[0]}
 
 log "bench_gpu.py"
 official=()
 [ -n "${OFFICIAL_SRC:-}" ] && official=(--official-src "$OFFICIAL_SRC")
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of words on purpose
-timeout 480 "$PYTHON" benchmarks/bench_gpu.py --sizes ${SIZES:-B/16 XL/16} "${official[@]}" ${BENCH_ARGS:-} \
+timeout 420 "$PYTHON" benchmarks/bench_gpu.py --sizes ${SIZES:-B/16 XL/16} "${official[@]}" ${BENCH_ARGS:-} \
     | tee "${OUT:+$OUT/}bench_gpu_table.md"
 bench_rc=${PIPESTATUS[0]}
 [ -n "$OUT" ] && cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
