@@ -122,3 +122,11 @@ def test_official_pos_interp_from_a_real_format_file(tmp_path):
     assert loaded.keys() == state.keys()
     assert all(torch.equal(loaded[k], v) for k, v in state.items() if k != "pos_embed")
     assert torch.equal(loaded["pos_embed"], _hub_interp(state["pos_embed"], 16))
+
+
+def test_lpips_in_channels_last_gives_the_same_distances(random_weights_dir):
+    plain, fast = LPIPS(weights_dir=random_weights_dir), LPIPS(weights_dir=random_weights_dir).use_channels_last()
+    conv = fast.net.net.slice1[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    a, b = torch.rand(3, 3, 32, 32) * 2 - 1, torch.rand(3, 3, 32, 32) * 2 - 1
+    torch.testing.assert_close(fast(a, b), plain(a, b), rtol=1e-4, atol=1e-6)
