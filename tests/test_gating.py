@@ -1,0 +1,102 @@
+"""Gate schedules (loss weighting over t) and the learned per-bin weighting: weights as specified."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pixelgen.config import load_config
+from pixelgen.errors import ConfigError
+from pixelgen.gating import LearnedTimeWeighting, check_schedule, gate_weights, learned_weighting_for, zero_below
+
+
+def loss_cfg(**changes) -> dict:
+    cfg = load_config()["loss"]
+    cfg.update(changes)
+    check_schedule(cfg)
+    return cfg
+
+
+def test_step_is_the_paper_gate_with_the_official_greater_or_equal():
+    t = torch.tensor([0.0, 0.29, 0.3, 0.31, 1.0])
+    assert gate_weights(t, loss_cfg(gate=0.3)).tolist() == [0.0, 0.0, 1.0, 1.0, 1.0]
+
+
+def test_sigmoid_ramp_is_zero_and_one_exactly_three_widths_out_and_a_logistic_between():
+    cfg = loss_cfg(gate_schedule="sigmoid", gate=0.4, gate_width=0.05)
+    t = torch.tensor([0.0, 0.25, 0.4, 0.55, 0.9])
+    w = gate_weights(t, cfg)
+    assert w[0] == 0 and w[1] == 0 and w[3] == 1 and w[4] == 1
+    assert w[2].item() == pytest.approx(0.5, abs=1e-6)  # symmetric around the gate
+    lo, hi = 1 / (1 + math.exp(3)), 1 / (1 + math.exp(-3))
+    t_mid = 0.43
+    expected = (1 / (1 + math.exp(-(t_mid - 0.4) / 0.05)) - lo) / (hi - lo)
+    assert gate_weights(torch.tensor([t_mid]), cfg).item() == pytest.approx(expected, rel=1e-5)
+    assert zero_below(cfg) == pytest.approx(0.25)
+
+
+def test_linear_ramp_between_its_two_times():
+    cfg = loss_cfg(gate_schedule="linear", gate_start=0.2, gate_end=0.6)
+    w = gate_weights(torch.tensor([0.1, 0.2, 0.3, 0.5, 0.6, 0.8]), cfg)
+    assert w.tolist() == pytest.approx([0.0, 0.0, 0.25, 0.75, 1.0, 1.0], abs=1e-6)
+
+
+def test_power_is_a_power_of_the_time_above_the_gate():
+    cfg = loss_cfg(gate_schedule="power", gate=0.2, gate_power=2.0)
+    w = gate_weights(torch.tensor([0.1, 0.2, 0.6, 1.0]), cfg)
+    assert w.tolist() == pytest.approx([0.0, 0.0, 0.25, 1.0], abs=1e-6)
+    t = torch.tensor([0.3, 0.7])
+    assert gate_weights(t, loss_cfg(gate_schedule="power", gate=0.0, gate_power=3.0)).tolist() == \
+        pytest.approx((t ** 3).tolist())
+
+
+def test_every_fixed_schedule_stays_in_zero_one():
+    t = torch.linspace(0, 1, 1001)
+    for cfg in (loss_cfg(), loss_cfg(gate_schedule="sigmoid"), loss_cfg(gate_schedule="linear"),
+                loss_cfg(gate_schedule="power")):
+        w = gate_weights(t, cfg)
+        assert w.min() >= 0 and w.max() <= 1 and w[-1] == 1
+        assert bool((w[1:] >= w[:-1]).all()), cfg["gate_schedule"]  # more weight as the image gets cleaner
+
+
+@pytest.mark.parametrize("changes, named", [
+    ({"gate_schedule": "cosine"}, "loss.gate_schedule"),
+    ({"gate_schedule": "sigmoid", "gate_width": 0.0}, "loss.gate_width"),
+    ({"gate_schedule": "linear", "gate_start": 0.5, "gate_end": 0.5}, "loss.gate_start"),
+    ({"gate_schedule": "power", "gate_power": 0.0}, "loss.gate_power"),
+    ({"gate_schedule": "learned", "learned_weight_bins": 0}, "loss.learned_weight_bins"),
+])
+def test_bad_gate_settings_are_one_line_errors_naming_the_key(changes, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        loss_cfg(**changes)
+
+
+def test_learned_weighting_bins_times_and_weights_the_loss_by_its_log_variance():
+    weighting = LearnedTimeWeighting(("lpips", "pdino"), bins=4)
+    assert weighting.bin_of(torch.tensor([0.0, 0.24, 0.25, 0.99, 1.0])).tolist() == [0, 0, 1, 3, 3]
+    with torch.no_grad():
+        weighting.log_variance[0] = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    loss = torch.tensor([2.0, 2.0])
+    out = weighting("lpips", loss, torch.tensor([0, 2]))
+    assert out.tolist() == pytest.approx([2.0, 2.0 * math.exp(-2.0) + 2.0])
+    assert weighting.curve()["lpips"] == pytest.approx([1.0, math.exp(-1), math.exp(-2), math.exp(-3)], rel=1e-6)
+    assert weighting.curve()["pdino"] == [1.0] * 4
+
+
+def test_learned_log_variance_moves_towards_the_log_of_the_loss_it_weights():
+    """The optimum of L / exp(u) + u is u = log L: a bin with a loss of e^2 learns weight e^-2."""
+    weighting = LearnedTimeWeighting(("lpips",), bins=2)
+    opt = torch.optim.SGD(weighting.parameters(), lr=0.5)
+    for _ in range(300):
+        opt.zero_grad()
+        weighting("lpips", torch.tensor([math.exp(2.0), 1.0]), torch.tensor([0, 1])).sum().backward()
+        opt.step()
+    assert weighting.log_variance[0].tolist() == pytest.approx([2.0, 0.0], abs=1e-3)
+
+
+def test_only_the_learned_schedule_builds_a_learned_weighting_and_only_for_terms_in_use():
+    assert learned_weighting_for(loss_cfg()) is None
+    built = learned_weighting_for(loss_cfg(gate_schedule="learned", pdino_weight=0.0, learned_weight_bins=6))
+    assert built.terms == ("lpips",) and tuple(built.log_variance.shape) == (1, 6)
