@@ -100,3 +100,26 @@ def test_only_the_learned_schedule_builds_a_learned_weighting_and_only_for_terms
     assert learned_weighting_for(loss_cfg()) is None
     built = learned_weighting_for(loss_cfg(gate_schedule="learned", pdino_weight=0.0, learned_weight_bins=6))
     assert built.terms == ("lpips",) and tuple(built.log_variance.shape) == (1, 6)
+
+
+def test_the_report_draws_a_fixed_schedule_from_the_config_and_a_learned_one_from_the_last_logged_curve(tmp_path):
+    import json
+
+    import yaml
+
+    from pixelgen.report import gate_curves, plot_gate_weights
+
+    fixed, learned = tmp_path / "fixed", tmp_path / "learned"
+    for run, loss in ((fixed, {"gate_schedule": "linear", "gate_start": 0.2, "gate_end": 0.6}),
+                      (learned, {"gate_schedule": "learned", "learned_weight_bins": 2})):
+        run.mkdir()
+        (run / "config.yaml").write_text(yaml.safe_dump({"loss": {**load_config()["loss"], **loss}}))
+    records = [{"step": 10, "gate_weight/lpips/0": 1.0, "gate_weight/lpips/1": 1.0},
+               {"step": 20, "gate_weight/lpips/0": 0.5, "gate_weight/lpips/1": 2.0}]
+    (learned / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    t, w = gate_curves(fixed)[""]
+    assert w[t.index(min(t, key=lambda v: abs(v - 0.4)))] == pytest.approx(0.5, abs=1e-6)
+    assert gate_curves(learned) == {" lpips": ([0.25, 0.75], [0.5, 2.0])}
+    out = plot_gate_weights({"variants": {"fixed": {}, "learned": {}}}, tmp_path, tmp_path / "gates.png")
+    assert out.stat().st_size > 1000
