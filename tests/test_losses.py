@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from pixelgen import flow
 from pixelgen.denoiser import Denoiser, repa_block_for
 from pixelgen.losses import PixelGenLoss, gated_reduce
 from pixelgen.model import JiT, jit_config
@@ -95,7 +96,7 @@ def test_total_is_the_weighted_sum_of_the_terms():
     model, criterion = make(loss={"lpips_weight": 0.3, "pdino_weight": 0.2, "repa_weight": 0.7})
     out = criterion(model, torch.rand(8, 3, 16, 16) * 2 - 1, torch.randint(0, 10, (8,)),
                     generator=torch.Generator().manual_seed(1))
-    terms = out.terms
+    terms = out.read_terms()[0]
     expected = terms["fm"] + 0.7 * terms["repa"] + 0.3 * terms["lpips"] + 0.2 * terms["pdino"]
     assert terms["loss"] == pytest.approx(expected, rel=1e-5)
     assert all(terms[k] > 0 for k in ("fm", "repa", "lpips", "pdino"))
@@ -107,7 +108,7 @@ def test_reductions_differ_by_the_gated_fraction():
     for reduction in ("gated_mean", "batch_mean"):
         criterion.cfg["perceptual_reduction"] = reduction
         outs[reduction] = criterion(model, torch.ones(8, 3, 16, 16) * 0.5, torch.zeros(8, dtype=torch.long),
-                                    generator=torch.Generator().manual_seed(5)).terms
+                                    generator=torch.Generator().manual_seed(5)).read_terms()[0]
     frac = outs["gated_mean"]["gated_fraction"]
     assert 0 < frac < 1
     assert outs["batch_mean"]["lpips"] == pytest.approx(outs["gated_mean"]["lpips"] * frac, rel=1e-4)
@@ -177,8 +178,9 @@ def test_adaptive_perceptual_weight_follows_the_gradient_ratio_from_its_start_st
     last = model.last_layer
     for step in (0, 99, 120):  # before the start, and a step that is not a multiple of `every`
         out = criterion(model, x, y, generator=torch.Generator().manual_seed(0), step=step, last_layer=last)
-        assert out.terms["perceptual_weight"] == 1.0
+        assert out.read_terms()[0]["perceptual_weight"] == 1.0
     out = criterion(model, x, y, generator=torch.Generator().manual_seed(0), step=150, last_layer=last)
+    terms = out.read_terms()[0]
     # recompute the official formula for the same draw
     gen = torch.Generator().manual_seed(0)
     from pixelgen import flow
@@ -192,6 +194,24 @@ def test_adaptive_perceptual_weight_follows_the_gradient_ratio_from_its_start_st
     g_fm = torch.autograd.grad(fm, last, retain_graph=True)[0]
     g_pc = torch.autograd.grad(percept, last)[0]
     w = float((g_fm.norm() / (g_pc.norm() + 1e-4)).clamp(0, 100))
-    assert out.terms["perceptual_weight"] == pytest.approx(0.8 * 1.0 + 0.2 * w, rel=1e-4)
-    assert out.terms["loss"] == pytest.approx(out.terms["fm"] + 0.5 * out.terms["repa"] + out.terms["perceptual_weight"]
-                                              * (0.1 * out.terms["lpips"] + 0.01 * out.terms["pdino"]), rel=1e-5)
+    assert terms["perceptual_weight"] == pytest.approx(0.8 * 1.0 + 0.2 * w, rel=1e-4)
+    assert terms["loss"] == pytest.approx(terms["fm"] + 0.5 * terms["repa"] + terms["perceptual_weight"]
+                                          * (0.1 * terms["lpips"] + 0.01 * terms["pdino"]), rel=1e-5)
+
+
+def test_the_gate_index_is_computed_on_the_host_from_host_times():
+    # the trainer's times come from a CPU generator: the gate index must come from those times, no device read
+    model, criterion = make(loss={"gate": 0.5, "pdino_gated": "true"})
+    host = torch.Generator().manual_seed(7)
+    t, index = criterion.draw_times(16, torch.device("cpu"), None, host)
+    expected = flow.sample_t(16, -0.8, 0.8, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(t, expected) and index.device.type == "cpu"
+    assert index.tolist() == [i for i in range(16) if expected[i] >= 0.5]
+
+
+def test_read_terms_reads_every_tensor_term_at_once():
+    model, criterion = make()
+    out = criterion(model, torch.rand(4, 3, 16, 16) * 2 - 1, torch.randint(0, 10, (4,)))
+    assert isinstance(out.terms["fm"], torch.Tensor)  # kept on the device until a log step reads it
+    terms, (extra,) = out.read_terms(torch.tensor(3.5))
+    assert terms["fm"] == out.terms["fm"].item() and extra == 3.5 and isinstance(terms["gated_fraction"], float)

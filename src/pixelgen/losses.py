@@ -28,9 +28,38 @@ from .errors import ConfigError
 @dataclass
 class LossOutput:
     total: torch.Tensor                 # the scalar to backpropagate
-    terms: dict[str, float] = field(default_factory=dict)  # every term, detached, for logging
+    # every term for logging: detached device tensors (reading one would sync the device) or host floats
+    terms: dict[str, torch.Tensor | float] = field(default_factory=dict)
     t: torch.Tensor | None = None
     x_hat: torch.Tensor | None = None
+
+    def read_terms(self, *extra: torch.Tensor) -> tuple[dict[str, float], list[float]]:
+        """The terms as floats, and `extra` device scalars read along with them, in one device->host copy."""
+        return read_scalars(self.terms, *extra)
+
+
+def read_scalars(values: dict[str, torch.Tensor | float], *extra: torch.Tensor) -> tuple[dict[str, float], list[float]]:
+    """One `stack().tolist()` for every tensor in `values` and `extra` (the only sync a log step needs)."""
+    keys = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
+    tensors = [values[k] for k in keys] + list(extra)
+    read = torch.stack([v.detach().float().reshape(()) for v in tensors]).tolist() if tensors else []
+    out = {k: float(v) for k, v in values.items()}
+    out.update(zip(keys, read))
+    return out, read[len(keys):]
+
+
+def gate_index(t: torch.Tensor, gate: float) -> torch.Tensor:
+    """Indices of the samples with t >= gate, on the host. From host times (the trainer draws t there) this
+    reads nothing from the device; device times are copied to the host first (one sync)."""
+    return torch.nonzero(t.cpu() >= gate, as_tuple=False).flatten()
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor onto `device` without waiting for the device: a copy from pageable memory would
+    synchronise the stream first, so the tensor is pinned."""
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def gated_reduce(per_sample: torch.Tensor, index: torch.Tensor, batch: int, reduction: str) -> torch.Tensor:
@@ -55,7 +84,15 @@ class AdaptivePerceptualWeight:
 
     def __init__(self, start: int, every: int):
         self.start, self.every = start, every
-        self.value = 1.0
+        self.weight: torch.Tensor | float = 1.0  # a device tensor once updated: read only when saved or logged
+
+    @property
+    def value(self) -> float:
+        return float(self.weight)
+
+    @value.setter
+    def value(self, value: float) -> None:
+        self.weight = float(value)
 
     def due(self, step: int | None) -> bool:
         return self.start > 0 and step is not None and step >= self.start and step % self.every == 0
@@ -65,8 +102,8 @@ class AdaptivePerceptualWeight:
         # no gated sample: the perceptual term is a constant, its gradient zero (the official mask gives the same)
         g_per = (torch.autograd.grad(percept, last_layer, retain_graph=True)[0] if percept.requires_grad
                  else torch.zeros_like(last_layer))
-        w = (g_rec.float().norm() / (g_per.float().norm() + 1e-4)).clamp(0.0, 100.0).item()
-        self.value = 0.8 * self.value + 0.2 * w
+        w = (g_rec.float().norm() / (g_per.float().norm() + 1e-4)).clamp(0.0, 100.0).detach()
+        self.weight = 0.8 * self.weight + 0.2 * w
 
 
 class PixelGenLoss(nn.Module):
@@ -137,45 +174,76 @@ class PixelGenLoss(nn.Module):
                     for v in (a, b))
         return self.lpips(a.float(), b.float())
 
+    def compile_encoders(self, backend: str = "inductor") -> None:
+        """torch.compile the frozen encoders in place (train.compile). The gated batch's size changes every step,
+        so they are compiled with dynamic shapes: one graph for all gated counts (plus one for a count of 1,
+        which torch specialises), not one per count. VGG runs channels_last (faster convolutions on GPUs)."""
+        if self.lpips is not None:
+            self.lpips.use_channels_last()
+            self.lpips.compile(backend=backend, dynamic=True)
+        if self.dino is not None:
+            self.dino.compile(backend=backend, dynamic=True)
+
     def perceptual(self, x_hat: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
-                   clean_pdino: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   clean_pdino: torch.Tensor | None = None,
+                   index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """LPIPS on the gated samples (t >= loss.gate) only; P-DINO on the gated ones, or with
         pdino_gated false on the whole batch as soon as one sample is gated.
 
-        Returns (index of gated samples (G,), lpips (G,), pdino (G,) or (B,)).
+        Returns (index of gated samples (G,) on the host, lpips (G,), pdino (G,) or (B,)).
         `clean_pdino` optionally gives the clean images' P-DINO features for the whole batch (already computed
-        for REPA); otherwise they are computed here.
+        for REPA); otherwise they are computed here. `index`: the host-side gate index when the caller has it
+        (then nothing here waits for the device), else it is computed from t.
         """
-        index = torch.nonzero(t >= self.cfg["gate"], as_tuple=False).flatten()
+        index = gate_index(t, self.cfg["gate"]) if index is None else index
         empty = x_hat.new_zeros(0, dtype=torch.float32)
         lp, pd = empty, empty
         if index.numel() == 0:
             return index, lp, pd
+        rows = to_device(index, x.device)
         if self.lpips is not None and self.cfg["lpips_weight"] > 0:
-            lp = self._lpips(x_hat.index_select(0, index), x.index_select(0, index))
+            lp = self._lpips(x_hat.index_select(0, rows), x.index_select(0, rows))
         if self.dino is not None and self.cfg["pdino_weight"] > 0:
-            rows = index if self.cfg["pdino_gated"] else torch.arange(len(x), device=x.device)
             layer = self.cfg["pdino_layer"]
-            pred = self.dino(x_hat.index_select(0, rows), [layer])[0]
+            pred_in, clean_in = (x_hat.index_select(0, rows), x.index_select(0, rows)) if self.cfg["pdino_gated"] \
+                else (x_hat, x)
+            pred = self.dino(pred_in, [layer])[0]
             if clean_pdino is None:
                 with torch.no_grad():
-                    clean = self.dino(x.index_select(0, rows), [layer])[0]
+                    clean = self.dino(clean_in, [layer])[0]
             else:
-                clean = clean_pdino.index_select(0, rows)
+                clean = clean_pdino.index_select(0, rows) if self.cfg["pdino_gated"] else clean_pdino
             pd = (1 - F.cosine_similarity(pred.float(), clean.float(), dim=-1)).mean(1)
         return index, lp, pd
 
+    def draw_times(self, batch: int, device: torch.device, generator: torch.Generator | None,
+                   host_generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training times t on `device` and the gate index on the host. t is drawn on the host (from
+        `host_generator`, or `generator` when that is a CPU one) so the gate index needs no device read;
+        the official code draws t on the device: same distribution, another random stream (docs/parity.md)."""
+        fc = self.flow_cfg
+        host = host_generator if host_generator is not None else generator
+        if host is not None and host.device.type != "cpu":  # only a device generator given: t on the device
+            t = flow.sample_t(batch, fc["P_mean"], fc["P_std"], shift=fc["train_shift"], device=device,
+                              generator=host)
+            return t, gate_index(t, self.cfg["gate"])
+        t_host = flow.sample_t(batch, fc["P_mean"], fc["P_std"], shift=fc["train_shift"], generator=host)
+        return to_device(t_host, device), gate_index(t_host, self.cfg["gate"])
+
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 generator: torch.Generator | None = None, step: int | None = None,
-                last_layer: torch.Tensor | None = None) -> LossOutput:
+                last_layer: torch.Tensor | None = None,
+                host_generator: torch.Generator | None = None) -> LossOutput:
         """One objective evaluation on clean images x (B,3,H,W) in [-1,1] with labels y (B,).
 
         `model(z, t, y) -> (x_hat, projected REPA tokens or None)` is the (possibly DDP-wrapped) Denoiser;
-        `step` and `last_layer` drive the adaptive perceptual weight when it is on.
+        `step` and `last_layer` drive the adaptive perceptual weight when it is on. `generator` draws the
+        noise, `host_generator` (a CPU one) the times; nothing here reads a value back from the device
+        (the terms stay device tensors), except the adaptive weight's steps.
         """
         fc, lc = self.flow_cfg, self.cfg
         B = x.shape[0]
-        t = flow.sample_t(B, fc["P_mean"], fc["P_std"], shift=fc["train_shift"], device=x.device, generator=generator)
+        t, index = self.draw_times(B, x.device, generator, host_generator)
         eps = torch.randn(x.shape, device=x.device, generator=generator, dtype=x.dtype) * fc["noise_scale"]
         z = flow.interpolate(x, eps, t)
         x_hat, projected = model(z, t, y)
@@ -187,7 +255,7 @@ class PixelGenLoss(nn.Module):
                 layers = self._dino_layers()
                 clean = dict(zip(layers, self.dino(x, layers)))
         repa = self.repa(projected, clean[self.dino.depth]) if projected is not None else fm.new_zeros(B)
-        index, lp, pd = self.perceptual(x_hat, x, t, clean.get(lc["pdino_layer"]))
+        index, lp, pd = self.perceptual(x_hat, x, t, clean.get(lc["pdino_layer"]), index=index)
         lpips_term = gated_reduce(lp, index, B, lc["perceptual_reduction"]) if lp.numel() else fm.new_zeros(())
         if not pd.numel():
             pdino_term = fm.new_zeros(())
@@ -199,10 +267,10 @@ class PixelGenLoss(nn.Module):
         if self.adaptive.due(step) and last_layer is not None:
             self.adaptive.update(fm.mean(), percept, last_layer)
 
-        total = fm.mean() + lc["repa_weight"] * repa.mean() + self.adaptive.value * percept
+        total = fm.mean() + lc["repa_weight"] * repa.mean() + self.adaptive.weight * percept
         terms = {
-            "loss": total.item(), "fm": fm.mean().item(), "repa": repa.mean().item(),
-            "lpips": lpips_term.item(), "pdino": pdino_term.item(), "gated_fraction": index.numel() / B,
-            "perceptual_weight": self.adaptive.value,
+            "loss": total.detach(), "fm": fm.mean().detach(), "repa": repa.mean().detach(),
+            "lpips": lpips_term.detach(), "pdino": pdino_term.detach(), "gated_fraction": index.numel() / B,
+            "perceptual_weight": self.adaptive.weight,
         }
         return LossOutput(total=total, terms=terms, t=t, x_hat=x_hat)

@@ -45,6 +45,10 @@ from .progress import Progress
 from .tracking import SystemMetrics, Tracker, log_dataset, log_grid, log_model
 
 
+# the host generator (training times) is seeded apart from the device one, so the two never share a stream on CPU
+HOST_SEED_OFFSET = 1 << 40
+
+
 class Preempted(PixelgenError):
     """SIGTERM arrived (Slurm preemption, scancel): state is saved; rerunning resumes."""
 
@@ -399,12 +403,16 @@ class Trainer:
     def _build_optimizer_and_data(self) -> None:
         s, data, dist = self.settings, self.config["data"], self.dist
         self.params = list(self.denoiser.parameters())
+        # fused: one kernel for the whole update and no read of the step counts on the host (CUDA and CPU alike)
         self.optimizer = torch.optim.AdamW(self.params, lr=s["lr"], betas=tuple(s["betas"]),
-                                           weight_decay=s["weight_decay"])
+                                           weight_decay=s["weight_decay"], fused=True)
         # the EMA of the network only: sampling needs no projector
         self.ema = EMA(self.net, decay=s["ema_decay"], warmup=s["ema_warmup"])
-        # one generator for everything random in the objective (t, noise, label drop): its state is checkpointed
+        # the objective's randomness, both generators checkpointed: noise and label drop on the device; t on the
+        # host, so the noise gate's index is known there without waiting for the device (losses.draw_times)
         self.generator = torch.Generator(device=self.device).manual_seed(s["seed"] * 1000 + dist.rank + 1)
+        self.host_generator = torch.Generator().manual_seed(HOST_SEED_OFFSET + s["seed"] * 1000 + dist.rank + 1)
+        self.first_nonfinite_step = torch.full((), -1, device=self.device)  # the device notes it; log steps read it
         self.loader = StreamLoader(data["shards"], data["batch_size"], num_workers=data["workers"], seed=s["seed"],
                                    shuffle_buffer=data["shuffle_buffer"], flip=data["flip"], rank=dist.rank,
                                    world_size=dist.world_size, device=self.device,
@@ -429,12 +437,22 @@ class Trainer:
             Entry("encoders_real", lambda: self.criterion.encoders_real),
             Entry("init_from", lambda: self.init_from, lambda v: setattr(self, "init_from", v), optional=True),
             # last, so nothing restored after it can draw from the restored streams
-            Entry("rng", lambda: checkpoint.rng_state(self.generator),
-                  lambda state: checkpoint.set_rng_state(state, self.generator), per_rank=True),
+            Entry("rng", self._rng_state, self._set_rng_state, per_rank=True),
         )
 
     def _set_step(self, step: int) -> None:
         self.step = self.saved_step = step
+
+    def _rng_state(self) -> dict:
+        return {**checkpoint.rng_state(self.generator), "host_generator": self.host_generator.get_state()}
+
+    def _set_rng_state(self, state: dict) -> None:
+        checkpoint.set_rng_state(state, self.generator)
+        if "host_generator" in state:
+            self.host_generator.set_state(state["host_generator"])
+        elif self.dist.is_main:  # written before t was drawn on the host: the run goes on, on another stream
+            print("the checkpoint predates the host-side time generator: t is drawn from a fresh stream, so the "
+                  "continued run is not bit-identical to an uninterrupted one", file=sys.stderr)
 
     # -- restore and wrap ---------------------------------------------------------------------------------------
 
@@ -464,30 +482,45 @@ class Trainer:
         self.init_from = init
 
     def wrap_for_training(self) -> None:
-        """torch.compile and DDP wrap the denoiser for the forward pass; the unwrapped one is saved."""
+        """torch.compile (the denoiser and the perceptual encoders) and DDP wrap for the forward pass; the
+        unwrapped denoiser is saved."""
         if self.settings["compile"]:
             self.forward_model = torch.compile(self.forward_model)
+            self.criterion.compile_encoders()
         if self.dist.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.forward_model = DistributedDataParallel(self.forward_model, device_ids=device_ids)
+            # Gradients live in DDP's buckets (no copy). Buffers are not broadcast: the model's (positions, RoPE
+            # tables) are constants built from the config. The static graph (bucket order learnt once) holds
+            # because every parameter, the REPA projector's included, is used every step (label drop swaps
+            # labels, it skips nothing), except when the adaptive weight's extra autograd.grad runs.
+            self.forward_model = DistributedDataParallel(
+                self.forward_model, device_ids=device_ids, gradient_as_bucket_view=True, broadcast_buffers=False,
+                static_graph=self.criterion.adaptive.start == 0, bucket_cap_mb=self.settings["ddp_bucket_mb"])
 
     # -- the main loop ------------------------------------------------------------------------------------------
 
     def run(self, tracker: Tracker, progress: Progress, sigterm: SigtermFlag, stop_at_step: int | None) -> None:
         """Step until train.steps, logging, saving and sampling on schedule; SIGTERM and --stop-at-step save
-        last.pt and raise Preempted."""
+        last.pt and raise Preempted. Only log and checkpoint steps read numbers back from the device: the loss
+        check, the log, and (under DDP) the all-reduce that asks every rank about SIGTERM happen there."""
         self.tracker, self.progress = tracker, progress
         batches = iter(self.loader)
         self.throughput.restart()
         while self.step < self.total_steps:
             out, grad_norm = self.train_step(*next(batches))
             progress.advance()
-            if self.step % self.settings["log_every"] == 0 or self.step == self.total_steps:
-                self.log(out.terms, grad_norm)
-            stop = self._all_ranks_stop(sigterm.raised)
-            if self.step % self.settings["ckpt_every"] == 0 or stop or self.step == stop_at_step:
+            log_due = self.step % self.settings["log_every"] == 0 or self.step == self.total_steps
+            save_due = self.step % self.settings["ckpt_every"] == 0 or self.step == stop_at_step
+            # one process asks nothing of others: it may notice SIGTERM at any step
+            stop = (self._all_ranks_stop(sigterm.raised)
+                    if log_due or save_due or self.dist.world_size == 1 else False)
+            if log_due or save_due or stop:
+                values = self._check_finite(out, grad_norm)
+                if log_due:
+                    self.log(values)
+            if save_due or stop:
                 self.save(self.files.last)
             every = self.settings["preview_every"]
             if every and self.step % every == 0 and self.step < self.total_steps:
@@ -499,29 +532,46 @@ class Trainer:
                 raise Preempted(f"stopped at step {self.step} as asked: saved {self.files.last}; rerun to resume")
         self.finish()
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[LossOutput, torch.Tensor]:
-        labels = self.net.y_embed.drop(labels.to(self.device), self.generator)
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[LossOutput, torch.Tensor | None]:
+        """One update that never waits for the device: the loss terms stay device tensors, a non-finite loss
+        is only noted (on the device) for the next log step, and the grad norm exists only when clipping."""
+        labels = self.net.y_embed.drop(labels.to(self.device, non_blocking=True), self.generator)
         with self.autocast():
             out = self.criterion(self.forward_model, images, labels, generator=self.generator, step=self.step,
-                                 last_layer=self.denoiser.last_layer)
-        self._check_finite(out.terms)
+                                 last_layer=self.denoiser.last_layer, host_generator=self.host_generator)
         self.optimizer.zero_grad(set_to_none=True)
         out.total.backward()
-        clip = self.settings["grad_clip"] if self.settings["grad_clip"] > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        grad_norm = None
+        if self.settings["grad_clip"] > 0:  # the paper configs do not clip: no norm computed at all then
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings["grad_clip"], foreach=True)
         self.optimizer.step()
         self.ema.update(self.net)
         self.step += 1
+        self._note_nonfinite(out.total)
         self.throughput.count_step()
         return out, grad_norm
 
-    def _check_finite(self, terms: dict) -> None:
-        """Stop before a non-finite loss reaches the weights (saves check the weights themselves)."""
-        bad = [k for k, v in terms.items() if not math.isfinite(v)]
-        if bad:
-            raise PixelgenError(f"non-finite loss at step {self.step + 1} in term(s) {', '.join(bad)} "
-                                f"({', '.join(f'{k}={terms[k]}' for k in bad)}); "
-                                f"{self.files.last_saved(self.saved_step)}; lower train.lr or check the data")
+    def _note_nonfinite(self, total: torch.Tensor) -> None:
+        """Remember, on the device, the first step whose loss was not finite (no read-back)."""
+        first = self.first_nonfinite_step
+        bad = ~torch.isfinite(total.detach()) & (first < 0)
+        self.first_nonfinite_step = torch.where(bad, torch.full_like(first, self.step), first)
+
+    def _check_finite(self, out: LossOutput, grad_norm: torch.Tensor | None) -> dict[str, float]:
+        """At a log or checkpoint step: read the step's numbers (one device->host copy) and stop if a loss since
+        the last check was not finite, before the log or the save (saves also check the weights). Every rank
+        agrees, so none is left waiting in a save. Returns the terms and the grad norm for the log."""
+        if grad_norm is None:  # not clipping: the norm of this step's gradients, computed for the log only
+            grads = [p.grad for p in self.params if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+        terms, (first_bad, norm) = out.read_terms(self.first_nonfinite_step, grad_norm)
+        if distributed.all_ok(self.dist, first_bad < 0):
+            return {**terms, "grad_norm": norm}
+        bad = [k for k, v in terms.items() if not math.isfinite(v)] or ["loss"]
+        where = f"first at step {int(first_bad)}" if first_bad >= 0 else "first on another rank"
+        raise PixelgenError(f"non-finite loss found at log step {self.step} ({where}) in term(s) {', '.join(bad)} "
+                            f"({', '.join(f'{k}={terms.get(k)}' for k in bad)}); "
+                            f"{self.files.last_saved(self.saved_step)}; lower train.lr or check the data")
 
     def _check_weights_finite(self) -> None:
         """A checkpoint never holds inf/nan: an update can break the weights after the step's loss was checked,
@@ -539,8 +589,10 @@ class Trainer:
 
     # -- log, save, sample, finish ------------------------------------------------------------------------------
 
-    def log(self, terms: dict, grad_norm: torch.Tensor) -> None:
-        metrics = {**{f"loss/{k}": v for k, v in terms.items()}, "grad_norm": float(grad_norm),
+    def log(self, values: dict[str, float]) -> None:
+        """`values`: the step's terms and grad norm, already read from the device by _check_finite."""
+        terms = {k: v for k, v in values.items() if k != "grad_norm"}
+        metrics = {**{f"loss/{k}": v for k, v in terms.items()}, "grad_norm": values["grad_norm"],
                    "images_per_sec": self.throughput.read_and_restart()}
         self.progress.log(self.step, terms, metrics["images_per_sec"])
         self.tracker.log_metrics(metrics, self.step)
