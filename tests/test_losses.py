@@ -203,7 +203,8 @@ def test_the_gate_index_is_computed_on_the_host_from_host_times():
     # the trainer's times come from a CPU generator: the gate index must come from those times, no device read
     model, criterion = make(loss={"gate": 0.5, "pdino_gated": "true"})
     host = torch.Generator().manual_seed(7)
-    t, index = criterion.draw_times(16, torch.device("cpu"), None, host)
+    t, gate = criterion.draw_times(16, torch.device("cpu"), None, host)
+    index = gate.index
     expected = flow.sample_t(16, -0.8, 0.8, generator=torch.Generator().manual_seed(7))
     assert torch.equal(t, expected) and index.device.type == "cpu"
     assert index.tolist() == [i for i in range(16) if expected[i] >= 0.5]

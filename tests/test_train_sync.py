@@ -83,13 +83,13 @@ class SyncCounter:
 
         real_draw = PixelGenLoss.draw_times
 
-        def draw_times(criterion, batch, device, generator, host_generator):
+        def draw_times(criterion, batch, device, generator, host_generator, weighting=None):
             # host work, left out: t comes from a CPU generator and the gate index stays on the host
             assert host_generator.device.type == "cpu"
             with counter.paused():
-                t, index = real_draw(criterion, batch, device, generator, host_generator)
-            assert index.device.type == "cpu"
-            return t, index
+                t, gate = real_draw(criterion, batch, device, generator, host_generator, weighting)
+            assert gate.index.device.type == "cpu"
+            return t, gate
 
         monkeypatch.setattr(PixelGenLoss, "draw_times", draw_times)
         monkeypatch.setattr(train.Trainer, "train_step", train_step)

@@ -243,7 +243,7 @@ def test_local_run_produces_the_results(local_run):
     results = local_run / "results/ci"
     table = (results / "table.md").read_text()
     assert "baseline" in table and "pixelgen" in table and "23.67" in table and "random" in table
-    for name in ("table.csv", "loss_curves.png", "fid_recall.png", "samples/baseline.png", "samples/pixelgen.png",
+    for name in ("table.csv", "loss_curves.png", "fid_recall.png", "gate_weights.png", "samples/baseline.png", "samples/pixelgen.png",
                  "metrics/baseline.json", "metrics/pixelgen.json"):
         assert (results / name).stat().st_size > 0, name
     metrics = json.loads((results / "metrics/pixelgen.json").read_text())

@@ -299,7 +299,7 @@ def run_import_official(args) -> int:
 def add_report(sub) -> None:
     rp = sub.add_parser("report", help="results table (ours beside the paper's), plots and sample grids of a grid",
                         description="Collect a grid's metrics.json files and training logs into table.csv/.md "
-                                    "(the shape of the paper's Table 1), loss_curves.png, fid_recall.png and "
+                                    "(the shape of the paper's Table 1), loss_curves.png, fid_recall.png, gate_weights.png and "
                                     "samples/<variant>.png.")
     rp.add_argument("--grid", required=True, help="the grid YAML (variants, with the paper's numbers)")
     rp.add_argument("--metrics", required=True, help="folder of <variant>.json metrics")

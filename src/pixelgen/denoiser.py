@@ -1,4 +1,4 @@
-"""Everything trainable in one module: the JiT network and the REPA projector.
+"""Everything trainable in one module: the JiT network, the REPA projector (and a learned loss weighting).
 
 One module, as the official code holds them, so that DDP broadcasts and all-reduces both, the optimizer,
 checkpoint and resume see one state dict, and every rank trains the same projector. The EMA tracks the network
@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .gating import LearnedTimeWeighting, learned_weighting_for
 from .model import JiT, build_model
 
 
@@ -33,9 +34,12 @@ class Denoiser(nn.Module):
     """`forward(z, t, y) -> (x_hat, projected REPA tokens or None)`."""
 
     def __init__(self, net: JiT, repa_block: int | None = None, encoder_dim: int | None = None,
-                 repa_hidden: int | None = None):
+                 repa_hidden: int | None = None, loss_weighting: LearnedTimeWeighting | None = None):
         super().__init__()
         self.net = net
+        # the learned perceptual weighting over t (loss.gate_schedule learned): trained with the network, so it
+        # lives here, though only the loss uses it
+        self.loss_weighting = loss_weighting
         self.repa_block = repa_block if encoder_dim else None
         self.projector = (repa_projector(net.cfg.width, repa_hidden or net.cfg.width, encoder_dim)
                           if self.repa_block is not None else None)
@@ -57,6 +61,8 @@ def build_denoiser(config: dict, encoder_dim: int | None, class_dropout: float =
     projector to `encoder_dim` when loss.repa_weight > 0."""
     net = build_model(config["model"], class_dropout)
     loss = config["loss"]
+    weighting = learned_weighting_for(loss)
     if loss["repa_weight"] <= 0 or encoder_dim is None:
-        return Denoiser(net)
-    return Denoiser(net, repa_block_for(net.cfg.depth, loss["repa_block"]), encoder_dim, loss["repa_hidden"])
+        return Denoiser(net, loss_weighting=weighting)
+    return Denoiser(net, repa_block_for(net.cfg.depth, loss["repa_block"]), encoder_dim, loss["repa_hidden"],
+                    loss_weighting=weighting)

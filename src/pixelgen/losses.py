@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import flow
+from . import flow, gating
 from .encoders import DINOFeatures, LPIPS
 from .errors import ConfigError
 
@@ -54,6 +54,31 @@ def gate_index(t: torch.Tensor, gate: float) -> torch.Tensor:
     return torch.nonzero(t.cpu() >= gate, as_tuple=False).flatten()
 
 
+@dataclass
+class Gate:
+    """Which samples the perceptual losses see, and with what weight; decided on the host from t.
+
+    `index` (G,): samples with a non-zero weight (the only ones the encoders run on); `weights` (G,) on the
+    device, None for the step schedule (all ones: nothing to multiply); `bins` (B,) on the device, the time
+    bin of every sample, for the learned weighting only."""
+
+    index: torch.Tensor
+    weights: torch.Tensor | None = None
+    bins: torch.Tensor | None = None
+
+
+def decide_gate(t_host: torch.Tensor, cfg: dict, device: torch.device,
+                weighting: gating.LearnedTimeWeighting | None) -> Gate:
+    if cfg["gate_schedule"] == "step":
+        return Gate(gate_index(t_host, cfg["gate"]))
+    if cfg["gate_schedule"] == "learned":
+        bins = to_device(weighting.bin_of(t_host), device) if weighting is not None else None
+        return Gate(torch.arange(len(t_host)), bins=bins)
+    weights = gating.gate_weights(t_host.cpu(), cfg)
+    index = torch.nonzero(weights > 0, as_tuple=False).flatten()
+    return Gate(index, weights=to_device(weights.index_select(0, index), device))
+
+
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor onto `device` without waiting for the device: a copy from pageable memory would
     synchronise the stream first, so the tensor is pinned."""
@@ -62,17 +87,21 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device, non_blocking=True)
 
 
-def gated_reduce(per_sample: torch.Tensor, index: torch.Tensor, batch: int, reduction: str) -> torch.Tensor:
+def gated_reduce(per_sample: torch.Tensor, index: torch.Tensor, batch: int, reduction: str,
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
     """Reduce a per-gated-sample loss vector to a scalar.
 
-    `per_sample` holds one value per *gated* sample (shape (G,)), computed only on those samples.
-    gated_mean divides by G (the official code's normalisation), batch_mean by the batch size B.
+    `per_sample` holds one value per *gated* sample (shape (G,)), computed only on those samples, and
+    `weights` (G,) their gate weights (None: all 1, the step gate). gated_mean divides the weighted sum by G
+    (the official code's normalisation), batch_mean by the batch size B.
     """
     if per_sample.dim() != 1 or per_sample.shape[0] != index.shape[0]:
         raise ValueError(f"gated losses must be one value per gated sample, shape ({index.shape[0]},); "
                          f"got {tuple(per_sample.shape)}")
     if index.numel() == 0:
         return per_sample.new_zeros(())
+    if weights is not None:
+        per_sample = per_sample * weights
     denominator = index.numel() if reduction == "gated_mean" else batch
     return per_sample.sum() / denominator
 
@@ -121,6 +150,7 @@ class PixelGenLoss(nn.Module):
         if self.cfg["perceptual_reduction"] not in ("gated_mean", "batch_mean"):
             raise ConfigError("loss.perceptual_reduction must be 'gated_mean' or 'batch_mean', "
                               f"got {self.cfg['perceptual_reduction']!r}")
+        gating.check_schedule(self.cfg)
         self.model_grid, self.patch_size = model_grid, patch_size
         need_dino = self.cfg["repa_weight"] > 0 or self.cfg["pdino_weight"] > 0
         if lpips is None and self.cfg["lpips_weight"] > 0:
@@ -187,13 +217,14 @@ class PixelGenLoss(nn.Module):
     def perceptual(self, x_hat: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
                    clean_pdino: torch.Tensor | None = None,
                    index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """LPIPS on the gated samples (t >= loss.gate) only; P-DINO on the gated ones, or with
-        pdino_gated false on the whole batch as soon as one sample is gated.
+        """LPIPS on the gated samples only (weight > 0 under loss.gate_schedule; t >= loss.gate for the
+        step); P-DINO on the gated ones, or with pdino_gated false on the whole batch as soon as one sample
+        is gated.
 
         Returns (index of gated samples (G,) on the host, lpips (G,), pdino (G,) or (B,)).
         `clean_pdino` optionally gives the clean images' P-DINO features for the whole batch (already computed
         for REPA); otherwise they are computed here. `index`: the host-side gate index when the caller has it
-        (then nothing here waits for the device), else it is computed from t.
+        (then nothing here waits for the device), else it is computed from t with the step gate.
         """
         index = gate_index(t, self.cfg["gate"]) if index is None else index
         empty = x_hat.new_zeros(0, dtype=torch.float32)
@@ -217,33 +248,54 @@ class PixelGenLoss(nn.Module):
         return index, lp, pd
 
     def draw_times(self, batch: int, device: torch.device, generator: torch.Generator | None,
-                   host_generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training times t on `device` and the gate index on the host. t is drawn on the host (from
-        `host_generator`, or `generator` when that is a CPU one) so the gate index needs no device read;
+                   host_generator: torch.Generator | None,
+                   weighting: gating.LearnedTimeWeighting | None = None) -> tuple[torch.Tensor, Gate]:
+        """Training times t on `device` and the gate decided on the host. t is drawn on the host (from
+        `host_generator`, or `generator` when that is a CPU one) so the gate needs no device read;
         the official code draws t on the device: same distribution, another random stream (docs/parity.md)."""
         fc = self.flow_cfg
         host = host_generator if host_generator is not None else generator
         if host is not None and host.device.type != "cpu":  # only a device generator given: t on the device
             t = flow.sample_t(batch, fc["P_mean"], fc["P_std"], shift=fc["train_shift"], device=device,
                               generator=host)
-            return t, gate_index(t, self.cfg["gate"])
+            return t, decide_gate(t.cpu(), self.cfg, device, weighting)
         t_host = flow.sample_t(batch, fc["P_mean"], fc["P_std"], shift=fc["train_shift"], generator=host)
-        return to_device(t_host, device), gate_index(t_host, self.cfg["gate"])
+        return to_device(t_host, device), decide_gate(t_host, self.cfg, device, weighting)
+
+    def perceptual_terms(self, lp: torch.Tensor, pd: torch.Tensor, gate: Gate, batch: int,
+                         weighting: gating.LearnedTimeWeighting | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(LPIPS term, P-DINO term) as they enter the loss: gated and weighted by the schedule, or by the
+        learned weighting (every sample then has both terms, and the bins of its t)."""
+        lc, zero = self.cfg, lp.new_zeros(())  # lp is on the batch's device even when empty
+        if weighting is not None and gate.bins is not None:
+            return tuple(weighting(name, values, gate.bins).mean() if values.numel() else zero
+                         for name, values in (("lpips", lp), ("pdino", pd)))
+        reduction = lc["perceptual_reduction"]
+        lpips_term = gated_reduce(lp, gate.index, batch, reduction, gate.weights) if lp.numel() else zero
+        if not pd.numel():
+            pdino_term = zero
+        elif lc["pdino_gated"]:
+            pdino_term = gated_reduce(pd, gate.index, batch, reduction, gate.weights)
+        else:  # the official behaviour: the whole batch's mean, unweighted, once any sample passes the gate
+            pdino_term = pd.mean()
+        return lpips_term, pdino_term
 
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 generator: torch.Generator | None = None, step: int | None = None,
                 last_layer: torch.Tensor | None = None,
-                host_generator: torch.Generator | None = None) -> LossOutput:
+                host_generator: torch.Generator | None = None,
+                weighting: gating.LearnedTimeWeighting | None = None) -> LossOutput:
         """One objective evaluation on clean images x (B,3,H,W) in [-1,1] with labels y (B,).
 
         `model(z, t, y) -> (x_hat, projected REPA tokens or None)` is the (possibly DDP-wrapped) Denoiser;
         `step` and `last_layer` drive the adaptive perceptual weight when it is on. `generator` draws the
         noise, `host_generator` (a CPU one) the times; nothing here reads a value back from the device
-        (the terms stay device tensors), except the adaptive weight's steps.
+        (the terms stay device tensors), except the adaptive weight's steps. `weighting`: the Denoiser's
+        learned weighting over t (loss.gate_schedule learned), which the loss trains along with the network.
         """
         fc, lc = self.flow_cfg, self.cfg
         B = x.shape[0]
-        t, index = self.draw_times(B, x.device, generator, host_generator)
+        t, gate = self.draw_times(B, x.device, generator, host_generator, weighting)
         eps = torch.randn(x.shape, device=x.device, generator=generator, dtype=x.dtype) * fc["noise_scale"]
         z = flow.interpolate(x, eps, t)
         x_hat, projected = model(z, t, y)
@@ -255,14 +307,8 @@ class PixelGenLoss(nn.Module):
                 layers = self._dino_layers()
                 clean = dict(zip(layers, self.dino(x, layers)))
         repa = self.repa(projected, clean[self.dino.depth]) if projected is not None else fm.new_zeros(B)
-        index, lp, pd = self.perceptual(x_hat, x, t, clean.get(lc["pdino_layer"]), index=index)
-        lpips_term = gated_reduce(lp, index, B, lc["perceptual_reduction"]) if lp.numel() else fm.new_zeros(())
-        if not pd.numel():
-            pdino_term = fm.new_zeros(())
-        elif lc["pdino_gated"]:
-            pdino_term = gated_reduce(pd, index, B, lc["perceptual_reduction"])
-        else:
-            pdino_term = pd.mean()
+        index, lp, pd = self.perceptual(x_hat, x, t, clean.get(lc["pdino_layer"]), index=gate.index)
+        lpips_term, pdino_term = self.perceptual_terms(lp, pd, gate, B, weighting)
         percept = lc["lpips_weight"] * lpips_term + lc["pdino_weight"] * pdino_term
         if self.adaptive.due(step) and last_layer is not None:
             self.adaptive.update(fm.mean(), percept, last_layer)

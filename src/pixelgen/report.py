@@ -105,6 +105,54 @@ def plot_fid_recall(table: pd.DataFrame, out: Path) -> Path:
     return out
 
 
+def gate_curves(run_dir: Path) -> dict[str, tuple[list[float], list[float]]]:
+    """{label: (t, weight)} of a run's perceptual-loss weighting over t: a fixed schedule from the run's
+    config.yaml, a learned one from the last `gate_weight/<term>/<bin>` record of its metrics.jsonl."""
+    import torch
+    import yaml
+
+    from .gating import gate_weights
+
+    config_file = Path(run_dir) / "config.yaml"
+    if not config_file.exists():
+        return {}
+    loss = yaml.safe_load(config_file.read_text())["loss"]
+    if loss.get("gate_schedule", "step") != "learned":
+        t = torch.linspace(0, 1, 201)
+        return {"": (t.tolist(), gate_weights(t, {"gate_schedule": "step", **loss}).tolist())}
+    frame = read_metrics_log(run_dir)
+    curves: dict[str, dict[int, float]] = {}
+    for column in frame.columns if not frame.empty else []:
+        parts = column.split("/")
+        if parts[0] == "gate_weight" and len(parts) == 3:
+            curves.setdefault(parts[1], {})[int(parts[2])] = float(frame[column].dropna().iloc[-1])
+    bins = loss["learned_weight_bins"]
+    return {f" {term}": ([(b + 0.5) / bins for b in sorted(w)], [w[b] for b in sorted(w)])
+            for term, w in curves.items()}
+
+
+def plot_gate_weights(grid: dict, runs_dir: Path, out: Path) -> Path:
+    """Each variant's perceptual-loss weight over t (learned ones as trained so far), on one axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name in grid["variants"]:
+        for label, (t, w) in gate_curves(Path(runs_dir) / name).items():
+            ax.plot(t, w, marker="o" if label else None, markersize=3, label=f"{name}{label}")
+    ax.set_xlabel("t (0 = noise, 1 = clean)")
+    ax.set_ylabel("perceptual loss weight")
+    ax.set_title("noise gate over t")
+    if ax.lines:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def build_report(grid_file: Path, metrics_dir: Path, runs_dir: Path, out: Path, title: str | None = None) -> dict:
     grid = load_grid(grid_file)
     out = Path(out)
@@ -114,6 +162,7 @@ def build_report(grid_file: Path, metrics_dir: Path, runs_dir: Path, out: Path, 
     (out / "table.md").write_text(to_markdown(table, title or grid.get("title", Path(grid_file).stem)))
     plot_losses(grid, runs_dir, out / "loss_curves.png")
     plot_fid_recall(table, out / "fid_recall.png")
+    plot_gate_weights(grid, runs_dir, out / "gate_weights.png")
     for name in grid["variants"]:
         grid_png = Path(runs_dir) / name / "previews" / "final.png"
         if grid_png.exists():

@@ -538,7 +538,8 @@ class Trainer:
         labels = self.net.y_embed.drop(labels.to(self.device, non_blocking=True), self.generator)
         with self.autocast():
             out = self.criterion(self.forward_model, images, labels, generator=self.generator, step=self.step,
-                                 last_layer=self.denoiser.last_layer, host_generator=self.host_generator)
+                                 last_layer=self.denoiser.last_layer, host_generator=self.host_generator,
+                                 weighting=self.denoiser.loss_weighting)
         self.optimizer.zero_grad(set_to_none=True)
         out.total.backward()
         grad_norm = None
@@ -593,11 +594,19 @@ class Trainer:
         """`values`: the step's terms and grad norm, already read from the device by _check_finite."""
         terms = {k: v for k, v in values.items() if k != "grad_norm"}
         metrics = {**{f"loss/{k}": v for k, v in terms.items()}, "grad_norm": values["grad_norm"],
-                   "images_per_sec": self.throughput.read_and_restart()}
+                   "images_per_sec": self.throughput.read_and_restart(), **self._learned_gate_curve()}
         self.progress.log(self.step, terms, metrics["images_per_sec"])
         self.tracker.log_metrics(metrics, self.step)
         if self.dist.is_main:  # a plain copy beside the checkpoints, for reports that need no tracking server
             append_text(self.files.metrics, json.dumps({"step": self.step, **metrics}) + "\n")
+
+    def _learned_gate_curve(self) -> dict[str, float]:
+        """The learned weighting's exp(-u) per term and time bin, as `gate_weight/<term>/<bin>` metrics (the
+        report draws the last one over t); nothing without a learned weighting."""
+        weighting = self.denoiser.loss_weighting
+        if weighting is None:
+            return {}
+        return {f"gate_weight/{term}/{b}": w for term, curve in weighting.curve().items() for b, w in enumerate(curve)}
 
     def save(self, *paths: Path) -> dict | None:
         """Every rank takes part (the per-rank states are gathered); rank 0 writes and gets the state back."""
