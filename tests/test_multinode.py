@@ -51,13 +51,26 @@ def test_train_rule_launches_one_torchrun_per_node_for_train_nodes_above_one(tmp
     resources, shell = commands[1, 8]
     assert shell.startswith("torchrun --standalone --nproc-per-node 8 -m pixelgen.cli train ") and "gpu=8" in resources
     resources, shell = commands[2, 0]
-    assert shell.startswith("srun --nodes 2 --ntasks 2 --cpus-per-task 1 --kill-on-bad-exit=1 python -m pixelgen.launch "
-                            "--nnodes 2 --nproc-per-node 1 -- train ")
+    # inside an allocation only, then one srun step of 2 tasks
+    assert shell.startswith(': "${SLURM_JOB_ID:?train_nodes: 2 runs under Slurm only')
+    assert ("&& srun --nodes 2 --ntasks 2 --cpus-per-task 1 --kill-on-bad-exit=1 python -m pixelgen.launch "
+            "--nnodes 2 --nproc-per-node 1 -- train ") in shell
     assert {"nodes=2", "tasks=2", "mpi=srun"} <= set(resources.split(", ")) and "gpu" not in resources
     resources, shell = commands[3, 4]
     assert "--nnodes 3 --nproc-per-node 4 -- train " in shell
     # 4 GPUs on each node (gres is per node; --gpus would be 4 for the whole job)
     assert {"nodes=3", "tasks=3", "gres=gpu:4", "tasks_per_gpu=0"} <= set(resources.split(", "))
+
+
+def test_train_nodes_above_one_without_slurm_stops_with_one_line(tmp_path):
+    root = project_copy(tmp_path / "p")
+    config = workflow_config(root, "two", train_nodes=2)
+    env = {k: v for k, v in ENV.items() if not k.startswith("SLURM_")}
+    result = subprocess.run([str(Path(sys.executable).parent / "snakemake"), "--cores", "1", "all", "--until",
+                             "train", "--configfile", config], cwd=root, capture_output=True, text=True, env=env,
+                            timeout=900)
+    assert result.returncode != 0 and "train_nodes: 2 runs under Slurm only: use --profile slurm" in result.stderr
+    assert not list(root.glob("work/runs/ci/*/*/checkpoints/last.pt"))
 
 
 def test_train_nodes_below_one_is_refused_by_the_schema(tmp_path):

@@ -110,7 +110,9 @@ def train_launcher(nodes, gpus_per_node, resources=None, threads=1):
     node with --set-resources train:nodes=1) and its threads per task. (The jobstep plugin runs the rule without
     the allocation's SLURM_* settings, so srun is told everything.)"""
     if nodes > 1:
-        return (f"srun --nodes {resources.nodes} --ntasks {nodes} --cpus-per-task {threads} --kill-on-bad-exit=1 "
+        # outside an allocation srun would ask for a new one: stop with one line instead (the local executor)
+        return (f": \"${{SLURM_JOB_ID:?train_nodes: {nodes} runs under Slurm only: use --profile slurm}}\" && "
+                f"srun --nodes {resources.nodes} --ntasks {nodes} --cpus-per-task {threads} --kill-on-bad-exit=1 "
                 f"python -m pixelgen.launch --nnodes {nodes} --nproc-per-node {max(1, gpus_per_node)} --")
     if gpus_per_node <= 1:
         return "pixelgen"
