@@ -79,18 +79,32 @@ def test_train_nodes_below_one_is_refused_by_the_schema(tmp_path):
     assert result.returncode != 0 and "train_nodes" in result.stdout + result.stderr
 
 
-def test_each_task_starts_torchrun_at_the_first_node_with_task_zero_hosting_the_store():
-    argv = launch.torchrun_argv(2, 8, "123457", 1, "gpu07", ["train", "--config", "c.yaml"])
-    text = " ".join(argv)
-    assert "--nnodes 2 --nproc-per-node 8 --rdzv-backend c10d" in text
+def launched(monkeypatch, node: str, local_id: int) -> list[str]:
+    """The command pixelgen.launch execs in a task of job 123457 on gpu[07-08], run on `node`."""
+    env = {"SLURM_JOB_ID": "123457", "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURMD_NODENAME": node,
+           "SLURM_LOCALID": str(local_id)}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(launch, "first_host", lambda nodelist: {"gpu[07-08]": "gpu07"}[nodelist])
+    ran = []
+    monkeypatch.setattr(os, "execv", lambda path, argv: ran.extend(argv))
+    launch.main(["--nnodes", "2", "--nproc-per-node", "8", "--", "train", "--config", "c.yaml"])
+    return ran
+
+
+def test_each_task_starts_torchrun_at_the_first_node_whose_first_task_hosts_the_store(monkeypatch):
+    text = " ".join(launched(monkeypatch, "gpu08", 0))
+    assert "-m torch.distributed.run --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d" in text
     assert f"--rdzv-endpoint gpu07:{launch.PORT_BASE + 123457 % launch.PORT_SPAN}" in text
-    assert "--rdzv-conf is_host=0" in text and argv[-3:] == ["train", "--config", "c.yaml"]
-    assert "is_host=1" in " ".join(launch.torchrun_argv(2, 8, "123457", 0, "gpu07", ["train"]))
+    assert "--rdzv-conf is_host=0" in text and text.endswith("-m pixelgen.cli train --config c.yaml")
+    assert "is_host=1" in " ".join(launched(monkeypatch, "gpu07", 0))
+    # a second task on the first node (two tasks standing in for two nodes) only connects
+    assert "is_host=0" in " ".join(launched(monkeypatch, "gpu07", 1))
 
 
 def test_launch_outside_a_slurm_task_is_a_one_line_error():
-    with pytest.raises(PixelgenError, match="SLURM_PROCID.*srun"):
-        launch.slurm_task({"SLURM_JOB_ID": "5", "SLURM_JOB_NODELIST": "vm"})
+    with pytest.raises(PixelgenError, match="SLURM_LOCALID.*srun"):
+        launch.slurm_task({"SLURM_JOB_ID": "5", "SLURM_STEP_NODELIST": "vm", "SLURMD_NODENAME": "vm"})
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     result = subprocess.run([sys.executable, "-m", "pixelgen.launch", "--nnodes", "2", "--", "train"],
                             capture_output=True, text=True, env=env)

@@ -5,10 +5,11 @@ an N-node allocation; each task (one per node) becomes
 `torchrun --nnodes N --nproc-per-node G --rdzv-backend c10d --rdzv-endpoint <first node>:<port> -m pixelgen.cli ...`.
 
 Why these choices:
-- The rendezvous store lives on the allocation's first node, at a port derived from the job id: every task computes
+- The rendezvous store lives on the step's first node, at a port derived from the job id: every task computes
   the same endpoint with no coordination, and a requeued job (same id) meets at the same place again.
-- Task 0 hosts the store (is_host=1), the others only connect (is_host=0): torchrun's own guess (does the endpoint
-  name this machine?) is true for every task when two tasks share a node (the one-node test cluster).
+- The first task on that node hosts the store (is_host=1), every other task only connects (is_host=0): torchrun's
+  own guess (does the endpoint name this machine?) is true for every task when two tasks share a node (the
+  one-node test cluster).
 - Which process gets which global rank does not matter for results: c10d numbers the agents by their address and
   pid (torchrun ignores --node-rank with c10d), so ranks may land on other processes after a requeue, but the
   Trainer saves each global rank's data-stream position and RNG and restores them by global rank, and the data
@@ -44,22 +45,27 @@ def first_host(nodelist: str) -> str:
     return out[0]
 
 
-def slurm_task(env: dict) -> tuple[str, int, str]:
-    """(job id, task id, node list) of this Slurm task; a one-line error outside `srun` in an allocation."""
-    missing = [k for k in ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_JOB_NODELIST") if k not in env]
+TASK_VARIABLES = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURMD_NODENAME", "SLURM_LOCALID")
+
+
+def slurm_task(env: dict) -> tuple[str, str, str, int]:
+    """(job id, the step's node list, this node's name, task id on this node) of this Slurm task; a one-line error
+    outside `srun` in an allocation."""
+    missing = [k for k in TASK_VARIABLES if k not in env]
     if missing:
         raise PixelgenError(f"pixelgen.launch runs one torchrun per Slurm task and {', '.join(missing)} is unset: "
                             f"start it with srun inside an allocation (the workflow's train_nodes > 1 needs "
                             f"--profile slurm)")
-    return env["SLURM_JOB_ID"], int(env["SLURM_PROCID"]), env["SLURM_JOB_NODELIST"]
+    return env["SLURM_JOB_ID"], env["SLURM_STEP_NODELIST"], env["SLURMD_NODENAME"], int(env["SLURM_LOCALID"])
 
 
-def torchrun_argv(nnodes: int, nproc_per_node: int, job_id: str, task: int, host: str, args: list[str]) -> list[str]:
+def torchrun_argv(nnodes: int, nproc_per_node: int, job_id: str, host: str, hosts_store: bool,
+                  args: list[str]) -> list[str]:
     """The torchrun command of one task: c10d rendezvous on `host`, run id = the job id."""
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes),
             "--nproc-per-node", str(nproc_per_node), "--rdzv-backend", "c10d",
             "--rdzv-endpoint", f"{host}:{rendezvous_port(job_id)}", "--rdzv-id", f"pixelgen-{job_id}",
-            "--rdzv-conf", f"is_host={1 if task == 0 else 0}", "-m", "pixelgen.cli", *args]
+            "--rdzv-conf", f"is_host={int(hosts_store)}", "-m", "pixelgen.cli", *args]
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -77,8 +83,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     ns = parse(sys.argv[1:] if argv is None else argv)
     try:
-        job_id, task, nodelist = slurm_task(dict(os.environ))
-        argv = torchrun_argv(ns.nnodes, ns.nproc_per_node, job_id, task, first_host(nodelist), ns.args)
+        job_id, nodelist, node, local_task = slurm_task(dict(os.environ))
+        host = first_host(nodelist)
+        argv = torchrun_argv(ns.nnodes, ns.nproc_per_node, job_id, host, node == host and local_task == 0, ns.args)
     except PixelgenError as err:
         sys.exit(f"error: {err}")
     # exec, not a child: Slurm's signals (--signal=TERM@...) and exit status reach torchrun directly
