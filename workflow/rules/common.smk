@@ -103,6 +103,35 @@ def gpus(n=1):
     return n if config.get("train_gpus", 0) > 0 else 0
 
 
+def train_launcher(nodes, gpus_per_node, resources=None, threads=1):
+    """What starts `pixelgen train ...`: itself (one process), torchrun on one node, or for nodes > 1 one torchrun
+    per Slurm task (`srun`, one task per node) meeting at a c10d rendezvous on the first node (pixelgen.launch).
+    The step takes the job's node count (resources.nodes: N, or 1 where a test cluster squeezes the tasks onto one
+    node with --set-resources train:nodes=1) and its threads per task. (The jobstep plugin runs the rule without
+    the allocation's SLURM_* settings, so srun is told everything.)"""
+    if nodes > 1:
+        # outside an allocation srun would ask for a new one: stop with one line instead (the local executor)
+        return (f": \"${{SLURM_JOB_ID:?train_nodes: {nodes} runs under Slurm only: use --profile slurm}}\" && "
+                f"srun --nodes {resources.nodes} --ntasks {nodes} --cpus-per-task {threads} --kill-on-bad-exit=1 "
+                f"python -m pixelgen.launch --nnodes {nodes} --nproc-per-node {max(1, gpus_per_node)} --")
+    if gpus_per_node <= 1:
+        return "pixelgen"
+    return f"torchrun --standalone --nproc-per-node {gpus_per_node} -m pixelgen.cli"
+
+
+def train_placement(nodes, gpus_per_node):
+    """Slurm resources of the train job beyond memory and time. One node: `gpu` GPUs (--gpus). N nodes: an N-node
+    allocation with one task per node that runs its own srun (`mpi`: the jobstep plugin then runs the rule's shell
+    as is, not under `srun -n1`), and G GPUs on every node (gres is per node; tasks_per_gpu=0 keeps the plugin from
+    turning `tasks` into --ntasks-per-gpu)."""
+    if nodes == 1:
+        return {"gpu": gpus(gpus_per_node)}
+    placement = {"nodes": nodes, "tasks": nodes, "mpi": "srun"}
+    if gpus_per_node > 0:
+        placement.update(gres=f"gpu:{gpus_per_node}", tasks_per_gpu=0)
+    return placement
+
+
 def random_flag():
     return "--allow-random-weights" if config.get("allow_random_weights") else ""
 

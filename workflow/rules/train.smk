@@ -34,8 +34,8 @@ rule train:
         config=lambda wc: train_digest(wc.variant),
         sets=lambda wc: train_sets(wc.variant),
         run_dir=lambda wc: run_dir(wc.variant),
-        launcher=("pixelgen" if config.get("train_gpus", 0) <= 1 else
-                  f"torchrun --standalone --nproc-per-node {config['train_gpus']} -m pixelgen.cli"),
+        launcher=lambda wc, resources, threads: train_launcher(config["train_nodes"], config.get("train_gpus", 0),
+                                                               resources, threads),
     log:
         f"{LOGS}/train/{{variant}}-{{runkey}}.log",
     benchmark:
@@ -45,7 +45,7 @@ rule train:
     resources:
         mem_mb=RES["train"]["mem_mb"],
         runtime=RES["train"]["runtime"],
-        gpu=gpus(config.get("train_gpus", 0)),
+        **train_placement(config["train_nodes"], config.get("train_gpus", 0)),
     conda:
         ENV
     shell:
