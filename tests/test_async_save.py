@@ -27,6 +27,7 @@ def test_a_snapshot_keeps_the_state_of_its_step_whatever_the_loop_does_next(tmp_
     live["cfg"]["a"].append(2)
     assert torch.equal(frozen["model"]["weight"], expected) and frozen["cfg"] == {"a": [1]}
     assert type(frozen["model"]) is OrderedDict and frozen["model"]["weight"].device.type == "cpu"
+    assert frozen["model"]._metadata == live["model"]._metadata  # module versions, for load_state_dict
     assert frozen["model"]["weight"].untyped_storage().data_ptr() != model.weight.untyped_storage().data_ptr()
     checkpoint.save_atomic(frozen, tmp_path / "c.pt")
     assert torch.equal(checkpoint.load(tmp_path / "c.pt")["model"]["weight"], expected)

@@ -25,7 +25,10 @@ def snapshot(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True)
     if type(obj) in (dict, OrderedDict):  # state_dicts are OrderedDicts
-        return type(obj)((k, snapshot(v)) for k, v in obj.items())
+        copied = type(obj)((k, snapshot(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):  # a module state_dict's versions, which load_state_dict reads
+            copied._metadata = copy.deepcopy(obj._metadata)
+        return copied
     if type(obj) in (list, tuple):
         return type(obj)(snapshot(v) for v in obj)
     return copy.deepcopy(obj)
