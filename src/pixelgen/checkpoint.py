@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -10,12 +12,27 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .files import write_atomic
+from .files import temp_path, write_atomic
 
 
 def save_atomic(obj, path: Path) -> None:
     """torch.save through files.write_atomic: temp file, fsync, rename; a kill never leaves a torn file."""
     write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """`target` becomes a second name of the written file `source` (final.pt of last.pt), without writing the
+    state again: a hard link made under a temp name and renamed over `target`. Later saves of `source` rename a new
+    file over its name, so the link keeps this content. Where links are not supported, a copy (atomic as well)."""
+    tmp = temp_path(Path(target))
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:  # EPERM, EXDEV, ENOTSUP...: a file system without hard links
+        with open(source, "rb") as src:
+            write_atomic(target, lambda f: shutil.copyfileobj(src, f, 1 << 24))
+        return
+    os.replace(tmp, target)
 
 
 @dataclass(frozen=True)
@@ -44,6 +61,10 @@ class CheckpointIO:
 
     def state(self, per_rank: dict[str, list]) -> dict:
         return {e.name: per_rank[e.name] if e.per_rank else e.get() for e in self.entries}
+
+    def shared_state(self) -> dict:
+        """The entries that are not per rank, read live (e.g. for the EMA export): no gather, no copy."""
+        return {e.name: e.get() for e in self.entries if not e.per_rank}
 
     def restore(self, state: dict, rank: int) -> None:
         for e in self.entries:

@@ -13,6 +13,12 @@ class EMA:
 
     With `warmup=True` the decay ramps as min(decay, (1 + n) / (10 + n)) over the first updates, so an early
     EMA is not dominated by the random initialisation (useful for short runs such as the CPU demo).
+
+    One update is one fused `torch._foreach_lerp_` over all parameters (the weights are read in place when their
+    dtype is the shadow's, converted only where it differs) and at most one `torch._foreach_copy_` for the
+    buffers that can change. Non-persistent buffers (JiT's positional embedding and RoPE tables) are derived from
+    the architecture and never change: they are copied once, here, by the deepcopy, and skipped per step.
+    Persistent buffers (e.g. BatchNorm running statistics) are copied every step, as before.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = False):
@@ -22,6 +28,8 @@ class EMA:
         self.warmup = warmup
         self.num_updates = 0
         self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
+        self._shadow_params = list(self.shadow.parameters())
+        self._shadow_buffers = _persistent_buffers(self.shadow)
 
     def current_decay(self) -> float:
         if not self.warmup:
@@ -30,12 +38,12 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        decay = self.current_decay()
-        ema_params = list(self.shadow.parameters())
-        params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
-        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-        for e, b in zip(self.shadow.buffers(), model.buffers()):
-            e.copy_(b)
+        weight = 1.0 - self.current_decay()
+        params = [p if p.dtype == e.dtype else p.to(e.dtype)
+                  for p, e in zip(model.parameters(), self._shadow_params)]
+        torch._foreach_lerp_(self._shadow_params, params, weight)
+        if self._shadow_buffers:
+            torch._foreach_copy_(self._shadow_buffers, _persistent_buffers(model))
         self.num_updates += 1
 
     def state_dict(self) -> dict:
@@ -47,3 +55,9 @@ class EMA:
         self.num_updates = state["num_updates"]
         self.decay = state["decay"]
         self.warmup = state["warmup"]
+
+
+def _persistent_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """The buffers a state_dict holds: those that may change in training (non-persistent ones are constants)."""
+    saved = model.state_dict(keep_vars=True)
+    return [b for name, b in model.named_buffers() if name in saved]

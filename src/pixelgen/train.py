@@ -28,7 +28,7 @@ import torch
 import torch.distributed as torch_dist
 import yaml
 
-from . import checkpoint, distributed
+from . import async_save, checkpoint, distributed
 from .checkpoint import CheckpointIO, Entry
 from .config import flatten
 from .data import StreamLoader
@@ -287,7 +287,10 @@ def _run(config: dict, files: RunFiles, dist: distributed.Dist, stop_at_step: in
             TrainProgress(trainer.total_steps, trainer.step, enabled=show_progress and dist.is_main) as progress:
         status = "FAILED"
         try:
-            trainer.run(tracker, progress, sigterm, stop_at_step)
+            try:
+                trainer.run(tracker, progress, sigterm, stop_at_step)
+            finally:  # preempted, stopped or failed: the last.pt being written is completed (or its error raised)
+                trainer.wait_for_save()
             status = "FINISHED"
         except Preempted:
             status = "KILLED"
@@ -387,6 +390,7 @@ class Trainer:
         self.forward_model = self.denoiser
         self.autocast = autocast_for(self.settings["precision"], self.device)
         self.throughput = Throughput(config["data"]["batch_size"] * dist.world_size)
+        self.writer = async_save.AsyncWriter()  # checkpoints are written in the background (see save)
 
     def _build_networks(self) -> None:
         seed = self.settings["seed"]
@@ -609,20 +613,36 @@ class Trainer:
         return {f"gate_weight/{term}/{b}": w for term, curve in weighting.curve().items() for b, w in enumerate(curve)}
 
     def save(self, *paths: Path) -> dict | None:
-        """Every rank takes part (the per-rank states are gathered); rank 0 writes and gets the state back."""
+        """Every rank takes part (the per-rank states are gathered); rank 0 snapshots the state to CPU memory at
+        this step, writes it to `paths` in the background (async_save) and gets the snapshot back. The next save,
+        finish, or the end of the job waits for that write and raises its error."""
         self._check_weights_finite()
+        self._wait_for_previous_write()  # before the new snapshot: at most one in host memory
         per_rank = self.checkpoint_io.per_rank_states(self._gather)
         fingerprints = per_rank["rank_fingerprints"]
         if any(f != fingerprints[0] for f in fingerprints):
             raise PixelgenError(f"the {self.dist.world_size} ranks hold different weights at step {self.step} "
                                 f"(fingerprints {[f[:12] for f in fingerprints]}); not saving; report this as a bug")
-        state = self.checkpoint_io.state(per_rank) if self.dist.is_main else None
+        state = async_save.snapshot(self.checkpoint_io.state(per_rank)) if self.dist.is_main else None
         if state is not None:
-            for path in paths:
-                checkpoint.save_atomic(state, path)
+            self.writer.submit(lambda: [checkpoint.save_atomic(state, path) for path in paths])
         distributed.barrier(self.dist)
         self.saved_step = self.step
         return state
+
+    def _wait_for_previous_write(self) -> None:
+        """Every rank learns whether rank 0's background write failed, so that all stop at the same point."""
+        failure = None
+        try:
+            self.writer.wait()
+        except PixelgenError as err:
+            failure = err
+        if not distributed.all_ok(self.dist, failure is None):
+            raise failure or PixelgenError("rank 0 could not write a checkpoint (its error says why)")
+
+    def wait_for_save(self) -> None:
+        """Block until the background write is on disk (the job calls it before it ends, even on an error)."""
+        self.writer.wait()
 
     def _gather(self, mine: dict) -> list[dict]:
         if self.dist.world_size == 1:
@@ -639,10 +659,14 @@ class Trainer:
             log_grid(self.tracker, path, self.step)
 
     def finish(self) -> None:
-        """last.pt and final.pt (the full state), final_ema.pt (what sampling reads), and a last sample grid."""
-        state = self.save(self.files.last, self.files.final)
-        if state is not None:
-            checkpoint.save_atomic(checkpoint.ema_only(state), self.files.final_ema)
+        """last.pt (the full state, written once: not again when this step was just saved), final.pt (a hard
+        link to it), final_ema.pt (what sampling reads), and a last sample grid, drawn while last.pt is written."""
+        if self.saved_step != self.step:
+            self.save(self.files.last)
         self.preview_grid("final")
+        self._wait_for_previous_write()
+        if self.dist.is_main:
+            checkpoint.link_or_copy(self.files.last, self.files.final)
+            checkpoint.save_atomic(checkpoint.ema_only(self.checkpoint_io.shared_state()), self.files.final_ema)
         if self.dist.is_main:  # the EMA network as an MLflow model (and an EMA-only safetensors file)
             log_model(self.tracker, self.ema.shadow, self.files.checkpoints, step=self.step)
