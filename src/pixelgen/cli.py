@@ -26,6 +26,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML config merged over the packaged defaults")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.SUB=VALUE",
@@ -251,6 +261,12 @@ def add_score(sub) -> None:
     sc.add_argument("--pr-distance", choices=["adm", "exact"], default="adm",
                     help="precision/recall distances: adm = squared distances in float16 with a float32 fallback, "
                          "as the ADM evaluator (default); exact = float64")
+    sc.add_argument("--workers", type=non_negative_int,
+                    help="processes decoding the sample shards (default: one per core but one, at most 8; "
+                         "0 = in this process); the images and numbers are the same for any count")
+    sc.add_argument("--ref-cache", help="folder for the ADM reference batch's cached Inception features "
+                                        "(default: beside --ref); a cache of another file, network or setup is "
+                                        "recomputed, never reused")
     add_inception_args(sc)
     sc.set_defaults(func=run_score)
 
@@ -261,7 +277,8 @@ def run_score(args) -> int:
     result = score(Path(args.samples), Path(args.ref), Path(args.out), batch_size=args.batch_size,
                    weights_dir=args.weights_dir, allow_random=args.allow_random_weights, device=args.device,
                    mlflow_run_id=args.mlflow_run_id, progress=not args.quiet, is_mode=args.is_splits,
-                   pr_distance=args.pr_distance)
+                   pr_distance=args.pr_distance, workers=args.workers,
+                   ref_cache=Path(args.ref_cache) if args.ref_cache else None)
     label = "" if result["comparable"] else "  [random weights: NOT comparable to published numbers]"
     sfid = "n/a (remake the ref-stats)" if result["sfid"] is None else f"{result['sfid']:.2f}"
     print(f"FID {result['fid']:.2f}  sFID {sfid}  IS {result['inception_score']:.2f}  precision {result['precision']:.3f}  "

@@ -12,7 +12,6 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Iterator
 
-import numpy as np
 import torch
 
 from . import metrics, weights
@@ -71,8 +70,9 @@ def _inception_from_state(state: dict):
 
 @dataclass
 class InceptionOutputs:
-    features: np.ndarray  # (N, 2048) pool3, float32
-    logits: np.ndarray  # (N, 1008) unbiased logits, float32
+    # kept on the scoring device: statistics and precision/recall run there (metrics.py), without a host round trip
+    features: torch.Tensor  # (N, 2048) pool3, float32
+    logits: torch.Tensor  # (N, 1008) unbiased logits, float32
     spatial: metrics.RunningStatistics | None  # mean/covariance of the (N, 2023) sFID features, if asked for
 
 
@@ -84,7 +84,7 @@ def spatial_features(net):
     captured: list[torch.Tensor] = []
 
     def keep(module, inputs, output):
-        captured.append(output[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1).float().cpu())
+        captured.append(output[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1).float())
 
     handle = net.Mixed_6d.branch1x1.register_forward_hook(keep)
     try:
@@ -96,18 +96,19 @@ def spatial_features(net):
 @torch.no_grad()
 def inception_outputs(net, batches: Iterator[torch.Tensor], device, total: int | None = None,
                       progress: bool = True, desc: str = "inception", with_spatial: bool = True) -> InceptionOutputs:
-    """uint8 (B, 3, H, W) batches -> pool3 features, unbiased logits and (with_spatial) the sFID statistics."""
+    """uint8 (B, 3, H, W) batches -> pool3 features, unbiased logits and (with_spatial) the sFID statistics, all
+    on `device`. Batches in pinned memory are copied without blocking, overlapping the next batch's decoding."""
     feats, logits = [], []
     spatial = metrics.RunningStatistics() if with_spatial else None
     with progress_bar(total, desc, enabled=progress) as bar, \
             (spatial_features(net) if with_spatial else nullcontext()) as maps:
         for batch in batches:
-            f, l = net(batch.to(device))
-            feats.append(f.float().cpu().numpy())
-            logits.append(l.float().cpu().numpy())
+            f, l = net(batch.to(device, non_blocking=True))
+            feats.append(f.float())
+            logits.append(l.float())
             if spatial is not None:
-                spatial.update(maps.pop().numpy())
+                spatial.update(maps.pop())
             bar.update(len(batch))
     if not feats:
         raise PixelgenError("no images to score")
-    return InceptionOutputs(np.concatenate(feats), np.concatenate(logits), spatial)
+    return InceptionOutputs(torch.cat(feats), torch.cat(logits), spatial)

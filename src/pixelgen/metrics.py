@@ -4,28 +4,45 @@ Inception Score and precision/recall (k = 3 nearest neighbours on pool3 features
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
 
-def feature_statistics(features: np.ndarray) -> dict[str, np.ndarray]:
-    """Mean and covariance (the FID statistics) of (N, D) features."""
-    f = np.asarray(features, dtype=np.float64)
-    return {"mu": f.mean(0), "sigma": np.cov(f, rowvar=False)}
+def _host(x) -> np.ndarray:
+    """A numpy array of `x`, wherever it lives (features may stay on the scoring device until a host metric)."""
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _float64(features) -> torch.Tensor:
+    """(N, D) features as a float64 tensor on their own device (a numpy array stays on the CPU)."""
+    return torch.as_tensor(features).to(torch.float64)
+
+
+def feature_statistics(features) -> dict[str, np.ndarray]:
+    """Mean and covariance (the FID statistics) of (N, D) features, numpy or a tensor on any device: computed
+    there in float64 (what the ADM evaluator's np.cov does), returned as float64 numpy arrays."""
+    f = _float64(features)
+    mu = f.mean(0)
+    centred = f - mu
+    # np.cov's unbiased estimate, centred before the product like np.cov (no sum-of-squares cancellation)
+    return {"mu": _host(mu), "sigma": _host(centred.T @ centred / (len(f) - 1))}
 
 
 class RunningStatistics:
     """Mean and covariance of features that arrive in batches, without keeping them (sFID's 2023-dim spatial
     features of 50K images would take 400 MB). Merges batches with Chan et al.'s pairwise update, which stays
-    exact where the naive sum-of-squares formula cancels catastrophically for features with a large mean."""
+    exact where the naive sum-of-squares formula cancels catastrophically for features with a large mean.
+    Accumulates in float64 on the device the batches come from (numpy batches: the CPU)."""
 
     def __init__(self):
         self.count = 0
-        self.mean: np.ndarray | None = None
-        self.m2: np.ndarray | None = None  # sum of outer products of deviations from the mean
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None  # sum of outer products of deviations from the mean
 
     def update(self, features) -> None:
-        f = np.asarray(features, dtype=np.float64)
+        f = _float64(features)
         if len(f) == 0:
             return
         n_b, mean_b = len(f), f.mean(0)
@@ -36,7 +53,7 @@ class RunningStatistics:
             return
         n = self.count + n_b
         delta = mean_b - self.mean
-        self.m2 = self.m2 + m2_b + np.outer(delta, delta) * (self.count * n_b / n)
+        self.m2 = self.m2 + m2_b + torch.outer(delta, delta) * (self.count * n_b / n)
         self.mean = self.mean + delta * (n_b / n)
         self.count = n
 
@@ -44,7 +61,7 @@ class RunningStatistics:
         """The same numbers as feature_statistics of all the features seen (unbiased covariance, like np.cov)."""
         if self.count < 2:
             raise ValueError(f"covariance needs at least 2 samples, got {self.count}")
-        return {"mu": self.mean, "sigma": self.m2 / (self.count - 1)}
+        return {"mu": _host(self.mean), "sigma": _host(self.m2 / (self.count - 1))}
 
 
 def fid(stats_a: dict, stats_b: dict) -> float:
@@ -52,8 +69,9 @@ def fid(stats_a: dict, stats_b: dict) -> float:
 
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
 
-    a = {"mu": np.asarray(stats_a["mu"], np.float64), "sigma": np.asarray(stats_a["sigma"], np.float64)}
-    b = {"mu": np.asarray(stats_b["mu"], np.float64), "sigma": np.asarray(stats_b["sigma"], np.float64)}
+    # the matrix square root of the 2048 x 2048 product stays in scipy on the host: once per score, and exact
+    a = {k: _host(stats_a[k]).astype(np.float64) for k in ("mu", "sigma")}
+    b = {k: _host(stats_b[k]).astype(np.float64) for k in ("mu", "sigma")}
     with warnings.catch_warnings():
         # few samples give singular covariances; scipy warns, torch-fidelity already adds an offset and retries
         warnings.simplefilter("ignore")
@@ -66,7 +84,7 @@ def inception_score(logits: np.ndarray, mode: str = "adm", split_size: int = 500
 
     mode "adm": the ADM evaluator's protocol, contiguous splits of `split_size` images in the given order (the last
     one may be shorter). mode "torch-fidelity": torch-fidelity's, `splits` equal splits after a seeded shuffle."""
-    logits = np.asarray(logits)
+    logits = _host(logits)
     if len(logits) == 0:
         raise ValueError("the Inception Score needs at least 1 image, got 0")
     if mode == "torch-fidelity":
@@ -89,11 +107,11 @@ def inception_score(logits: np.ndarray, mode: str = "adm", split_size: int = 500
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def kid(features_a: np.ndarray, features_b: np.ndarray, subsets: int = 100, subset_size: int = 1000) -> tuple[float, float]:
+def kid(features_a, features_b, subsets: int = 100, subset_size: int = 1000) -> tuple[float, float]:
     from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 
     size = min(subset_size, len(features_a), len(features_b))
-    out = kid_features_to_metric(torch.as_tensor(np.asarray(features_a)), torch.as_tensor(np.asarray(features_b)),
+    out = kid_features_to_metric(torch.as_tensor(_host(features_a)), torch.as_tensor(_host(features_b)),
                                  kid_subsets=subsets, kid_subset_size=size, verbose=False, rng_seed=2020,
                                  kid_degree=3, kid_gamma=None, kid_coef0=1)
     return out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD]
@@ -123,10 +141,25 @@ def _distances(a, b, distance: str) -> torch.Tensor:
     return d.float().clamp_min(0)
 
 
-def _prepare(x: np.ndarray, distance: str):
+def _prepare(x, distance: str):
+    """The operands of `distance` for numpy features (CPU) or a tensor, on the tensor's device."""
+    x = torch.as_tensor(x)
     if distance == "exact":
-        return torch.as_tensor(np.asarray(x), dtype=torch.float64)
-    return _adm_operands(torch.as_tensor(np.asarray(x)))
+        return x.to(torch.float64)
+    return _adm_operands(x)
+
+
+@contextmanager
+def exact_float32_matmul():
+    """float32 matmuls in IEEE float32 while precision/recall runs: TF32 (which a training script may enable for
+    speed) would round the operands to 10 mantissa bits and change which points fall inside a ball."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
 
 
 def _rows(prepared, i: int, j: int):
@@ -150,7 +183,7 @@ def _inside_any_ball(points, n: int, centres, radii: torch.Tensor, distance: str
     return torch.cat(inside)
 
 
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, chunk: int = 1000,
+def precision_recall(real, fake, k: int = 3, chunk: int = 1000,
                      distance: str = "adm") -> tuple[float, float]:
     """Improved precision/recall (Kynkaanniemi et al. 2019) as the ADM evaluator computes it: precision = share of
     fake samples inside the real manifold (union of balls reaching each real point's k-th neighbour), recall = the
@@ -158,7 +191,9 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, chunk: int 
 
     distance "adm": ADM's squared distances max(|u|^2 - 2 u.v + |v|^2, 0) in float16, redone in float32 for a
     chunk where float16 overflows (ADM decides per 10K x 10K block; this matters only where float16 overflows).
-    distance "exact": float64 Euclidean distances."""
+    distance "exact": float64 Euclidean distances.
+
+    `real` and `fake` are numpy arrays (computed on the CPU) or tensors on one device (computed there)."""
     if distance not in ("adm", "exact"):
         raise ValueError(f"unknown precision/recall distance {distance!r} (expected 'adm' or 'exact')")
     n_real, n_fake = len(real), len(fake)
@@ -166,8 +201,9 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, chunk: int 
         raise ValueError(f"precision/recall with k = {k} needs at least k + 1 = {k + 1} points in each set (the "
                          f"k-th neighbour excludes the point itself), got {n_real} reference and {n_fake} samples")
     r, f = _prepare(real, distance), _prepare(fake, distance)
-    real_radii = _kth_neighbour_radii(r, n_real, k, distance, chunk)
-    fake_radii = _kth_neighbour_radii(f, n_fake, k, distance, chunk)
-    precision = _inside_any_ball(f, n_fake, r, real_radii, distance, chunk).double().mean().item()
-    recall = _inside_any_ball(r, n_real, f, fake_radii, distance, chunk).double().mean().item()
+    with exact_float32_matmul():
+        real_radii = _kth_neighbour_radii(r, n_real, k, distance, chunk)
+        fake_radii = _kth_neighbour_radii(f, n_fake, k, distance, chunk)
+        precision = _inside_any_ball(f, n_fake, r, real_radii, distance, chunk).double().mean().item()
+        recall = _inside_any_ball(r, n_real, f, fake_radii, distance, chunk).double().mean().item()
     return precision, recall

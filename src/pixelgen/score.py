@@ -13,6 +13,9 @@ the expected arrays; otherwise a one-line error says what was expected, before a
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +26,7 @@ import torch
 
 from . import metrics, sample_folder
 from .errors import PixelgenError
-from .files import write_atomic, write_json_atomic
+from .files import sha256, write_atomic, write_json_atomic
 from .inception import build_inception, inception_outputs, network_digest
 
 MAX_PR_FEATURES = 10_000  # the ADM suite uses 10K reference images for precision/recall
@@ -70,6 +73,7 @@ def ref_stats(shard_dir: Path, out: Path, *, batch_size: int = 100, limit: int |
     stats = metrics.feature_statistics(feats)
     spatial = outputs.spatial.statistics()
     keep = np.sort(np.random.RandomState(0).permutation(len(feats))[:MAX_PR_FEATURES])
+    feats = feats.cpu().numpy()
     write_atomic(out, lambda f: np.savez(f, mu=stats["mu"], sigma=stats["sigma"], mu_s=spatial["mu"],
                                          sigma_s=spatial["sigma"], features=feats[keep], num=len(feats),
                                          weights_real=real, source=str(shard_dir),
@@ -88,7 +92,8 @@ class SampleSet:
     batches: Callable[[int], Iterator[torch.Tensor]]
 
 
-def open_samples(samples: Path) -> SampleSet:
+def open_samples(samples: Path, workers: int | None = None, pin_memory: bool = False) -> SampleSet:
+    """The samples to score; a folder's shards are decoded by `workers` processes (None: default_workers)."""
     if not samples.exists():
         raise PixelgenError(f"samples not found: {samples}")
     if samples.suffix == ".npz":
@@ -98,8 +103,72 @@ def open_samples(samples: Path) -> SampleSet:
     manifest, shards = sample_folder.checked_shards(samples)
     counts = [sample_folder.expected_count(manifest, k) for k in range(len(shards))]
     size = manifest["image_size"]
+    workers = default_workers(len(shards)) if workers is None else workers
     return SampleSet(samples, manifest, manifest["num"], (size, size),
-                     lambda batch: sample_folder.batches(samples, batch, shards, counts))
+                     lambda batch: decoded_batches(samples, shards, counts, batch, workers, pin_memory))
+
+
+def default_workers(num_shards: int) -> int:
+    """Decoding processes when --workers is not given: one per core but one (the main process feeds Inception),
+    at most 8 (PNG decoding of 8 shards outruns an H100's Inception) and no more than there are shards."""
+    return max(0, min(8, len(os.sched_getaffinity(0)) - 1, num_shards))
+
+
+class ShardImages(torch.utils.data.Dataset):
+    """Item k: the images of shard k as one uint8 (n, 3, H, W) tensor, checked to hold its manifest count. A
+    map-style dataset, so the DataLoader hands shards back in index order whichever worker decoded them."""
+
+    def __init__(self, folder: Path, shards: list[Path], counts: list[int]):
+        self.folder, self.shards, self.counts = folder, shards, counts
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def __getitem__(self, k: int) -> torch.Tensor | str:
+        try:
+            images = [image for _, image, _ in
+                      sample_folder.iter_samples(self.folder, [self.shards[k]], [self.counts[k]])]
+        except PixelgenError as err:  # returned, not raised: a worker's exception reaches the user as a traceback
+            return str(err)
+        return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+
+
+def decoded_batches(folder: Path, shards: list[Path], counts: list[int], batch_size: int, workers: int,
+                    pin_memory: bool) -> Iterator[torch.Tensor]:
+    """uint8 (B, 3, H, W) batches of the shards, in the order serial decoding gives (shard by shard, index
+    order), decoded by `workers` DataLoader processes (0: in this process), in pinned memory if asked."""
+    loader = torch.utils.data.DataLoader(ShardImages(folder, shards, counts), batch_size=None,
+                                         num_workers=workers, pin_memory=pin_memory)
+    pending: list[torch.Tensor] = []  # images decoded but not yet handed out, in order
+    held = 0
+    for shard in loader:
+        if isinstance(shard, str):
+            raise PixelgenError(shard)
+        pending.append(shard)
+        held += len(shard)
+        while held >= batch_size:
+            batch, pending = split_off(pending, batch_size)
+            held -= batch_size
+            yield pin(batch, pin_memory)
+    if held:
+        yield pin(torch.cat(pending), pin_memory)
+
+
+def split_off(pieces: list[torch.Tensor], size: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The first `size` images of consecutive pieces, and the pieces that are left."""
+    taken, left = [], size
+    while left:
+        piece = pieces.pop(0)
+        taken.append(piece[:left])
+        if len(piece) > left:
+            pieces.insert(0, piece[left:])
+        left -= len(taken[-1])
+    return (taken[0] if len(taken) == 1 else torch.cat(taken)), pieces
+
+
+def pin(batch: torch.Tensor, pin_memory: bool) -> torch.Tensor:
+    """A batch cut from one pinned shard is a pinned view; one joined across shards is pinned again."""
+    return batch.pin_memory() if pin_memory and not batch.is_pinned() else batch
 
 
 def read_reference(ref: Path) -> tuple[dict, str]:
@@ -174,36 +243,97 @@ def check_same_network(ref: Path, data: dict, net, real: bool) -> None:
                             f"--allow-random-weights that ref-stats used, or remake {ref}")
 
 
-def load_reference(ref: Path, data: dict, kind: str, net, device, batch_size: int, progress: bool) -> dict:
+def load_reference(ref: Path, data: dict, kind: str, net, device, batch_size: int, progress: bool,
+                   cache_dir: Path | None = None) -> dict:
     """The statistics of our ref-stats file, or of the ADM reference batch (VIRTUAL_imagenet256_labeled.npz:
     arr_0 images, mu, sigma, and mu_s, sigma_s for sFID). "spatial" is None for a ref-stats file made before
     sFID was computed."""
     spatial = {"mu": data["mu_s"], "sigma": data["sigma_s"]} if "mu_s" in data and "sigma_s" in data else None
     if kind != ADM_BATCH:
-        return {"mu": data["mu"], "sigma": data["sigma"], "features": data["features"], "num": int(data["num"]),
+        # on the scoring device, beside the samples' features, for precision/recall there
+        features = torch.as_tensor(data["features"]).to(device)
+        return {"mu": data["mu"], "sigma": data["sigma"], "features": features, "num": int(data["num"]),
                 "spatial": spatial, "weights_real": bool(data["weights_real"]), "kind": kind}
-    images = data["arr_0"][:MAX_PR_FEATURES]
-    batches = sample_folder.array_batches(images, batch_size)
     # the batch carries its own mu_s/sigma_s: only the pool3 features (for precision/recall, KID) are needed
-    feats = inception_outputs(net, batches, device, len(images), progress, "reference batch",
-                              with_spatial=False).features
+    feats = cached_batch_features(ref, data["arr_0"][:MAX_PR_FEATURES], net, device, batch_size, progress,
+                                  cache_dir)
     return {"mu": data["mu"], "sigma": data["sigma"], "features": feats, "num": len(data["arr_0"]),
             "spatial": spatial, "weights_real": True, "kind": kind}
+
+
+CACHE_FORMAT = 1  # bump when what a cache file holds, or how its features are computed, changes
+
+
+def feature_cache_key(ref: Path, images: np.ndarray, net, device, batch_size: int) -> dict:
+    """Everything the reference batch's features depend on: the file's bytes, the network's weights, which
+    images are measured, and where and how (another device or batch size may round differently)."""
+    dev = torch.device(device)
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+    return {"format": CACHE_FORMAT, "reference_sha256": sha256(ref), "inception_sha256": network_digest(net),
+            "images": list(images.shape), "device": where, "batch_size": batch_size, "torch": torch.__version__}
+
+
+def feature_cache_path(ref: Path, key: dict, cache_dir: Path | None) -> Path:
+    """<cache_dir or the reference's folder>/<reference name>.inception-<hash of the key>.npz."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir or ref.parent) / f"{ref.name}.inception-{digest}.npz"
+
+
+def read_feature_cache(path: Path, key: dict) -> np.ndarray | None:
+    """The cached features if `path` holds exactly `key`'s, else None (absent, damaged or another key: the
+    features are recomputed, never taken from a cache that might not be theirs)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as cache:
+            recorded, feats = json.loads(str(cache["key"])), cache["features"]
+    except Exception as err:  # truncated, not an .npz, missing arrays
+        print(f"warning: ignoring the unreadable feature cache {path} ({type(err).__name__}); recomputing it",
+              file=sys.stderr)
+        return None
+    if recorded != key or feats.shape != (key["images"][0], POOL3) or feats.dtype != np.float32:
+        print(f"warning: the feature cache {path} is not of this reference and network; recomputing it",
+              file=sys.stderr)
+        return None
+    return feats
+
+
+def cached_batch_features(ref: Path, images: np.ndarray, net, device, batch_size: int, progress: bool,
+                          cache_dir: Path | None) -> torch.Tensor:
+    """pool3 features of the reference batch's images on `device`: from the cache file of this exact reference,
+    network and setup when there is one, else measured and cached (atomically: concurrent scorers each write a
+    whole file, and the last rename wins with the same content)."""
+    key = feature_cache_key(ref, images, net, device, batch_size)
+    path = feature_cache_path(ref, key, cache_dir)
+    cached = read_feature_cache(path, key)
+    if cached is not None:
+        return torch.from_numpy(cached).to(device)
+    feats = inception_outputs(net, sample_folder.array_batches(images, batch_size), device, len(images), progress,
+                              "reference batch", with_spatial=False).features
+    try:
+        host = feats.cpu().numpy()
+        write_atomic(path, lambda f: np.savez(f, key=json.dumps(key, sort_keys=True), features=host))
+    except OSError as err:  # a read-only reference folder: score anyway, uncached
+        print(f"warning: could not cache the reference features in {path} ({err.strerror or err}); pass "
+              f"--ref-cache DIR to cache them elsewhere", file=sys.stderr)
+    return feats
 
 
 def score(samples: Path, ref: Path, out: Path, *, batch_size: int = 100, weights_dir: str | None = None,
           allow_random: bool = False, device: str = "auto", mlflow_run_id: str | None = None,
           tracking_uri: str | None = None, progress: bool = True, is_mode: str = "adm",
-          pr_distance: str = "adm") -> dict:
+          pr_distance: str = "adm", workers: int | None = None, ref_cache: Path | None = None) -> dict:
+    """Score `samples` against `ref`; `workers` decode the sample shards (None: default_workers, 0: this
+    process); the ADM reference batch's features are cached in `ref_cache` (default: beside `ref`)."""
     from .distributed import pick_device
 
-    sample_set = open_samples(Path(samples))
+    dev = pick_device(device, 0)
+    sample_set = open_samples(Path(samples), workers, pin_memory=torch.device(dev).type == "cuda")
     data, kind = read_reference(Path(ref))
     check_comparable(sample_set, Path(ref), data, kind)
-    dev = pick_device(device, 0)
     net, real = build_inception(weights_dir, allow_random, dev)
     check_same_network(Path(ref), data, net, real)
-    reference = load_reference(Path(ref), data, kind, net, dev, batch_size, progress)
+    reference = load_reference(Path(ref), data, kind, net, dev, batch_size, progress, ref_cache)
     outputs = inception_outputs(net, sample_set.batches(batch_size), dev, sample_set.count, progress, "score")
     manifest = sample_set.manifest
     result = assemble_metrics(outputs, reference, manifest, real, str(ref), is_mode, pr_distance)
