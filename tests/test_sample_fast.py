@@ -29,7 +29,8 @@ def random_model(seed: int = 0) -> JiT:
 
 
 SETTINGS = {"seed": 0, "noise_scale": 1.0, "sampler": "euler", "steps": 3, "guidance": 2.0, "interval": [0.1, 0.9],
-            "shift": 1.0, "t_eps": 0.05, "corrector_interval_at": "t_cur", "noise_device": "cpu"}
+            "shift": 1.0, "t_eps": 0.05, "corrector_interval_at": "t_cur", "noise_device": "cpu",
+            "guidance_schedule": "interval"}
 
 
 def images_of(engine, indices, batch_size):

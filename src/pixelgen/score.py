@@ -35,7 +35,8 @@ MIN_IMAGES = PR_K + 1  # the k-th neighbour of a point excludes the point itself
 POOL3, SPATIAL = 2048, 2023  # feature sizes: pool3 (FID, KID, precision/recall) and mixed_6/conv (sFID)
 ADM_BATCH = "ADM reference batch"
 # what metrics.json repeats of samples.json: the settings and the checkpoint (step, weights digest) it scores
-SAMPLING_KEYS = ("sampler", "steps", "guidance", "interval", "shift", "ckpt_step", "ckpt_digest")
+SAMPLING_KEYS = ("sampler", "steps", "guidance", "guidance_schedule", "interval", "shift", "precision", "compile",
+                 "noise_device", "ckpt_step", "ckpt_digest")
 
 
 def shard_batches(shard_dir: Path, batch_size: int, limit: int | None) -> Iterator[torch.Tensor]:
