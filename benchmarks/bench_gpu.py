@@ -207,6 +207,14 @@ def save_ema_checkpoint(trainer: Trainer, run_dir: Path) -> Path:
 # 2-3. Sampling and scoring, as the jobs run
 
 
+def sampling_overrides(args) -> tuple[str, ...]:
+    """The paper config samples as the official sampler does (bf16, compiled, noise on the GPU); a CPU smoke run
+    keeps bf16 but draws its noise on the CPU and compiles only with --compile."""
+    if torch.device(args.device).type == "cuda":
+        return ()
+    return ("sampling.noise_device=cpu", f"sampling.compile={str(bool(args.compile)).lower()}")
+
+
 def time_sampling(ckpt: Path, work: Path, sampler: str, args) -> tuple[float, Path, Path]:
     """50K-image seconds (extrapolated) of `pixelgen sample` with `sampler`-50; and the two sample folders."""
     from pixelgen.sample_job import run_sampling
@@ -217,7 +225,8 @@ def time_sampling(ckpt: Path, work: Path, sampler: str, args) -> tuple[float, Pa
         device = torch.device(args.device)
         runs.append((num, timed(lambda: run_sampling(ckpt, num, out, sampler=sampler, steps=args.sample_steps,
                                                      batch_size=args.sample_batch, device=args.device,
-                                                     progress=False), device)))
+                                                     progress=False, overrides=sampling_overrides(args)),
+                                device)))
         folders.append(out)
     return extrapolate(*runs), folders[0], folders[1]
 
