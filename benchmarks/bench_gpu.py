@@ -178,14 +178,16 @@ def time_training(config: dict, run_dir: Path, warmup: int, steps: int) -> Train
     batches = iter(trainer.loader)
     for _ in range(warmup):
         trainer.train_step(*next(batches))
-    outputs = []
-    seconds = timed(lambda: outputs.extend(trainer.train_step(*next(batches))[0] for _ in range(steps)), device)
+    fractions = []  # only the gated fraction is kept: holding each step's outputs would inflate peak memory
+    seconds = timed(lambda: fractions.extend(trainer.train_step(*next(batches))[0].terms["gated_fraction"]
+                                             for _ in range(steps)), device)
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
     batch = config["data"]["batch_size"]
     encoders = encoder_flops(trainer.criterion, config["model"]["image_size"])
     pdino_all = not config["loss"]["pdino_gated"]
-    gated = [round(out.terms["gated_fraction"] * batch) for out in outputs]
-    encoder_total = sum(encoders.per_step(batch, g, batch if pdino_all and g else g) for g in gated)
+    gated = [round(fraction * batch) for fraction in fractions]
+    repa = config["loss"]["repa_weight"] > 0
+    encoder_total = sum(encoders.per_step(batch, g, batch if pdino_all and g else g, repa) for g in gated)
     ckpt = save_ema_checkpoint(trainer, run_dir)
     return TrainResult(images_per_s=steps * batch * dist.world_size / seconds, step_ms=1000 * seconds / steps,
                        jit_flops_per_image=denoiser_flops(trainer.denoiser).training,
@@ -198,6 +200,7 @@ def save_ema_checkpoint(trainer: Trainer, run_dir: Path) -> Path:
     """final_ema.pt as `pixelgen train` writes it (checkpoint.ema_only of the full state): what sampling reads."""
     trainer.files.checkpoints.mkdir(parents=True, exist_ok=True)
     state = trainer.save(trainer.files.last)
+    trainer.wait_for_save()  # the background write must not overlap the sampling timings that follow
     if state is not None:
         checkpoint.save_atomic(checkpoint.ema_only(state), trainer.files.final_ema)
     return trainer.files.final_ema

@@ -127,3 +127,22 @@ def test_a_renamed_key_is_refused_naming_the_new_one(old, new):
     with pytest.raises(ConfigError, match=rf"'{old}' is now '{new}'"):
         load_config(overrides=[f"{old}=2"])
     assert load_config(overrides=["sampling.guidance=2.0"])["sampling"]["guidance"] == 2.0
+
+
+def test_a_config_saved_before_newer_keys_existed_resumes_and_keeps_its_workflow_key():
+    import copy
+
+    from pixelgen.config import ADDED_KEYS, flatten, without_added_defaults
+    from pixelgen.train import config_differences
+
+    current = load_config()
+    saved = copy.deepcopy(current)
+    for key in ADDED_KEYS:
+        section, name = key.split(".")
+        del saved[section][name]
+    assert config_differences(saved, current) == []  # read at the defaults: the behaviour it was trained with
+    changed = load_config(overrides=["loss.gate_schedule=sigmoid"])
+    assert config_differences(saved, changed) == ["loss.gate_schedule"]
+    # the workflow's run and sample keys digest a config less the added keys at their defaults
+    assert without_added_defaults(flatten(current)) == flatten(saved)
+    assert without_added_defaults(flatten(changed))["loss.gate_schedule"] == "sigmoid"

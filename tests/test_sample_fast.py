@@ -166,7 +166,8 @@ def test_folders_recorded_before_these_settings_count_as_cpu_fp32_eager(tmp_path
     _, export = write_checkpoints(tmp_path)
     run(export, tmp_path / "s")
     path = tmp_path / "s/settings.json"
-    old = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("precision", "compile", "noise_device")}
+    added = ("precision", "compile", "noise_device", "guidance_schedule")
+    old = {k: v for k, v in json.loads(path.read_text()).items() if k not in added}
     path.write_text(json.dumps(old))
     run(export, tmp_path / "s")  # accepted: the same settings
     with pytest.raises(PixelgenError, match="noise_device cpu; this run asks noise_device cuda"):
@@ -192,3 +193,15 @@ def test_cli_precision_and_compile_flags_reach_the_job(monkeypatch):
     assert (seen["precision"], seen["compile"]) == (None, False)  # None: the checkpoint's sampling.precision
     help_text = cli.build_parser()._subparsers._group_actions[0].choices["sample"].format_help()
     assert "--precision {fp32,bf16}" in help_text and "--compile, --no-compile" in help_text
+
+
+def test_cuda_noise_parts_on_another_gpu_model_are_refused(tmp_path, monkeypatch):
+    """CUDA noise may depend on the GPU model: the first sampling part records it, another model is refused."""
+    from pixelgen import sample_job
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    sample_job.check_noise_gpu(tmp_path, torch.device("cpu"))
+    sample_job.check_noise_gpu(tmp_path, torch.device("cpu"))  # the same model: fine
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(PixelgenError, match="CUDA noise on a NVIDIA H100 80GB HBM3, this job runs on a NVIDIA A100"):
+        sample_job.check_noise_gpu(tmp_path, torch.device("cpu"))

@@ -86,14 +86,14 @@ def test_precision_recall_of_tensors_equals_that_of_numpy_arrays(distance):
 
 def test_precision_recall_runs_in_ieee_float32_and_restores_the_matmul_setting():
     matmul = torch.backends.cuda.matmul
-    before = matmul.fp32_precision
-    matmul.fp32_precision = "tf32"
+    before = matmul.allow_tf32
+    matmul.allow_tf32 = True
     try:
         with metrics.exact_float32_matmul():
-            assert matmul.fp32_precision == "ieee"
-        assert matmul.fp32_precision == "tf32"
+            assert matmul.allow_tf32 is False
+        assert matmul.allow_tf32 is True
     finally:
-        matmul.fp32_precision = before
+        matmul.allow_tf32 = before
 
 
 # --- the reference batch's feature cache -------------------------------------------------------------------

@@ -204,6 +204,27 @@ def section_over(config: dict, section: str, path: str | Path | None, overrides:
     return apply_overrides(result, overrides)[section]
 
 
+# Keys added to base.yaml after runs, checkpoints and sample folders existed. Their defaults are the behaviour
+# from before they existed, so a saved config without one is read as holding the default (with_added_keys), and
+# workflow keys leave one out while it holds the default (without_added_defaults): an upgrade neither refuses a
+# resume nor retrains or resamples anything that did not change.
+ADDED_KEYS = ("loss.gate_schedule", "loss.gate_width", "loss.gate_start", "loss.gate_end", "loss.gate_power",
+              "loss.learned_weight_bins", "train.ddp_bucket_mb", "sampling.precision", "sampling.compile",
+              "sampling.noise_device", "sampling.guidance_schedule")
+
+
+def with_added_keys(flat: dict[str, Any]) -> dict[str, Any]:
+    """A flattened saved config with every ADDED_KEYS key it lacks at its base.yaml default."""
+    base = flatten(base_config())
+    return {**{k: base[k] for k in ADDED_KEYS if k not in flat}, **flat}
+
+
+def without_added_defaults(flat: dict[str, Any]) -> dict[str, Any]:
+    """A flattened config less the ADDED_KEYS keys that hold their default (what a key digest should see)."""
+    base = flatten(base_config())
+    return {k: v for k, v in flat.items() if not (k in ADDED_KEYS and v == base[k])}
+
+
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
     """{'a': {'b': 1}} -> {'a.b': 1}; for logging params."""
     flat: dict[str, Any] = {}

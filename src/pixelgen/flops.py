@@ -134,10 +134,12 @@ class EncoderFlops:
     pdino_prediction: int  # DINOv2 forward + input-gradient backward on a predicted image (P-DINO)
     lpips: int            # LPIPS-VGG16 on one (prediction, clean) pair, forward of both + backward of the prediction
 
-    def per_step(self, batch: int, gated: int, pdino_rows: int) -> int:
+    def per_step(self, batch: int, gated: int, pdino_rows: int, repa: bool = True) -> int:
         """A step of `batch` samples of which `gated` pass the noise gate; P-DINO runs on `pdino_rows` of them
-        (the whole batch when loss.pdino_gated is false and any sample is gated, else the gated ones)."""
-        return batch * self.dino_clean + pdino_rows * self.pdino_prediction + gated * self.lpips
+        (the whole batch when loss.pdino_gated is false and any sample is gated, else the gated ones). The clean
+        DINO pass runs on the whole batch for REPA, else only on P-DINO's rows."""
+        clean_rows = batch if repa else pdino_rows
+        return clean_rows * self.dino_clean + pdino_rows * self.pdino_prediction + gated * self.lpips
 
 
 def encoder_flops(criterion, image_size: int) -> EncoderFlops:

@@ -42,7 +42,8 @@ def read_scalars(values: dict[str, torch.Tensor | float], *extra: torch.Tensor) 
     """One `stack().tolist()` for every tensor in `values` and `extra` (the only sync a log step needs)."""
     keys = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
     tensors = [values[k] for k in keys] + list(extra)
-    read = torch.stack([v.detach().float().reshape(()) for v in tensors]).tolist() if tensors else []
+    device = tensors[0].device if tensors else None  # a restored adaptive weight may still be a host tensor
+    read = torch.stack([v.detach().float().reshape(()).to(device) for v in tensors]).tolist() if tensors else []
     out = {k: float(v) for k, v in values.items()}
     out.update(zip(keys, read))
     return out, read[len(keys):]
@@ -121,7 +122,9 @@ class AdaptivePerceptualWeight:
 
     @value.setter
     def value(self, value: float) -> None:
-        self.weight = float(value)
+        # restored as the float32 tensor it was saved from (float32 -> float is exact), so the updates after a
+        # resume run the same float32 arithmetic as an uninterrupted run (a Python float would round otherwise)
+        self.weight = torch.tensor(float(value), dtype=torch.float32)
 
     def due(self, step: int | None) -> bool:
         return self.start > 0 and step is not None and step >= self.start and step % self.every == 0
@@ -132,7 +135,7 @@ class AdaptivePerceptualWeight:
         g_per = (torch.autograd.grad(percept, last_layer, retain_graph=True)[0] if percept.requires_grad
                  else torch.zeros_like(last_layer))
         w = (g_rec.float().norm() / (g_per.float().norm() + 1e-4)).clamp(0.0, 100.0).detach()
-        self.weight = 0.8 * self.weight + 0.2 * w
+        self.weight = 0.8 * torch.as_tensor(self.weight, dtype=torch.float32, device=w.device) + 0.2 * w
 
 
 class PixelGenLoss(nn.Module):

@@ -153,13 +153,15 @@ def _prepare(x, distance: str):
 def exact_float32_matmul():
     """float32 matmuls in IEEE float32 while precision/recall runs: TF32 (which a training script may enable for
     speed) would round the operands to 10 mantissa bits and change which points fall inside a ball."""
+    # the legacy flag, as sampling_engine.tf32_allowed uses: torch refuses a process that mixes it with the newer
+    # fp32_precision setting
     matmul = torch.backends.cuda.matmul
-    before = matmul.fp32_precision
-    matmul.fp32_precision = "ieee"
+    before = matmul.allow_tf32
+    matmul.allow_tf32 = False
     try:
         yield
     finally:
-        matmul.fp32_precision = before
+        matmul.allow_tf32 = before
 
 
 def _rows(prepared, i: int, j: int):

@@ -65,7 +65,8 @@ def part_lock_folder(out: Path, part_index: int, parts: int) -> Path:
 NOT_COMPARED = ("ckpt",)
 # settings recorded since fast sampling, with the value every folder recorded before them was sampled with
 # (CPU noise, fp32 eager), so those folders stay valid for runs that ask the same
-SAMPLED_BEFORE_RECORDED = {"precision": "fp32", "compile": False, "noise_device": "cpu"}
+SAMPLED_BEFORE_RECORDED = {"precision": "fp32", "compile": False, "noise_device": "cpu",
+                           "guidance_schedule": "interval"}
 
 
 def record_once(path: Path, identity: dict) -> dict:
@@ -143,7 +144,7 @@ def reset(out: Path, identity: dict) -> str:
             locks.enter_context(exclusive_folder(folder, "sample --reset"))
         if path.exists() and not differences(json.loads(path.read_text()), identity):
             return "kept"
-        leftovers = [*out.glob("samples-*.tar"), out / MANIFEST, out / NPZ, path]
+        leftovers = [*out.glob("samples-*.tar"), out / MANIFEST, out / NPZ, out / "noise_gpu.json", path]
         existed = any(f.exists() for f in leftovers)
         for f in leftovers:
             f.unlink(missing_ok=True)

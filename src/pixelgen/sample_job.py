@@ -119,6 +119,18 @@ def sample_images(engine: Engine, indices: list[int], settings: dict, batch_size
     return pngs, labels
 
 
+def check_noise_gpu(out: Path, device: torch.device) -> None:
+    """CUDA noise may depend on the GPU model (randn's launch shape follows the number of SMs), so the first part
+    that samples records its GPU in the folder and a part on another model is refused (parts on the same model,
+    on any number of GPUs, draw the same noise)."""
+    mine = {"noise_gpu": torch.cuda.get_device_name(device)}
+    recorded = sample_folder.record_once(Path(out) / "noise_gpu.json", mine)
+    if recorded != mine:
+        raise PixelgenError(f"{out} was sampled with CUDA noise on a {recorded.get('noise_gpu')}, this job runs on "
+                            f"a {mine['noise_gpu']}: CUDA noise may differ between GPU models; sample on the same "
+                            f"model, or into a new --out")
+
+
 def sample_part(engine: Engine, state: dict, settings: dict, identity: dict, ckpt: Path, out: Path,
                 part_index: int, parts: int, d, batch_size: int, npz: bool, progress: bool) -> dict | None:
     """Sample the missing shards of this part (and this rank); the manifest once every shard exists."""
@@ -127,6 +139,8 @@ def sample_part(engine: Engine, state: dict, settings: dict, identity: dict, ckp
     mine = [k for k in range(n_shards) if k % parts == part_index][d.rank::d.world_size]
     done = [k for k in mine if sample_folder.shard_path(out, k).exists()]
     check_noise_device(settings["noise_device"], engine.device, sampling=len(done) < len(mine))
+    if settings["noise_device"] == "cuda" and len(done) < len(mine):
+        check_noise_gpu(out, engine.device)
     sizes = {k: len(shard_indices(k, shard_size, num)) for k in mine}
     with progress_bar(sum(sizes.values()), "sample", initial=sum(sizes[k] for k in done), every=0,
                       enabled=progress and d.is_main) as bar:

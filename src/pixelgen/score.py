@@ -14,6 +14,7 @@ the expected arrays; otherwise a one-line error says what was expected, before a
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import sys
@@ -271,7 +272,8 @@ def feature_cache_key(ref: Path, images: np.ndarray, net, device, batch_size: in
     dev = torch.device(device)
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
     return {"format": CACHE_FORMAT, "reference_sha256": sha256(ref), "inception_sha256": network_digest(net),
-            "images": list(images.shape), "device": where, "batch_size": batch_size, "torch": torch.__version__}
+            "images": list(images.shape), "device": where, "batch_size": batch_size, "torch": torch.__version__,
+            "torch_fidelity": importlib.metadata.version("torch-fidelity")}  # it implements the Inception forward
 
 
 def feature_cache_path(ref: Path, key: dict, cache_dir: Path | None) -> Path:

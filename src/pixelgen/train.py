@@ -30,7 +30,7 @@ import yaml
 
 from . import async_save, checkpoint, distributed
 from .checkpoint import CheckpointIO, Entry
-from .config import flatten
+from .config import flatten, with_added_keys
 from .data import StreamLoader
 from .denoiser import build_denoiser
 from .ema import EMA
@@ -56,13 +56,16 @@ class Preempted(PixelgenError):
         super().__init__(message, exit_code=143)
 
 
+STOP_CHECK_EVERY = 10  # steps between the DDP ranks' agreement on a SIGTERM (besides log and checkpoint steps)
+
 # keys that may change between a run and its resumption without changing the trajectory
 RESUMABLE_CHANGES = ("tracking.", "train.ckpt_every", "train.log_every", "train.preview_every", "train.steps",
-                     "data.workers", "data.shards")
+                     "data.workers", "data.shards", "train.ddp_bucket_mb")
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
-    a, b = flatten(saved), flatten(current)
+    """The keys whose values differ, a saved config's missing newer keys read at their defaults."""
+    a, b = with_added_keys(flatten(saved)), with_added_keys(flatten(current))
     keys = sorted(set(a) | set(b))
     return [k for k in keys if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
 
@@ -517,9 +520,11 @@ class Trainer:
             progress.advance()
             log_due = self.step % self.settings["log_every"] == 0 or self.step == self.total_steps
             save_due = self.step % self.settings["ckpt_every"] == 0 or self.step == stop_at_step
-            # one process asks nothing of others: it may notice SIGTERM at any step
-            stop = (self._all_ranks_stop(sigterm.raised)
-                    if log_due or save_due or self.dist.world_size == 1 else False)
+            # one process asks nothing of others: it may notice SIGTERM at any step; under DDP the ranks agree
+            # every STOP_CHECK_EVERY steps too, so a SIGTERM is acted on well within its grace period even when
+            # log steps are minutes apart (one small all-reduce per 10 steps)
+            check_stop = log_due or save_due or self.dist.world_size == 1 or self.step % STOP_CHECK_EVERY == 0
+            stop = self._all_ranks_stop(sigterm.raised) if check_stop else False
             if log_due or save_due or stop:
                 values = self._check_finite(out, grad_norm)
                 if log_due:

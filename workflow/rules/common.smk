@@ -149,7 +149,7 @@ def variant_overrides(name):
 def _resolve_variants():
     """Resolve every variant now: a typo fails the whole run before any job, naming the variant and the key.
     Returns {variant: (checkpoint identity, sampling settings)}, and the run keys of trained variants."""
-    from pixelgen.config import flatten, load_config, section_over
+    from pixelgen.config import flatten, load_config, section_over, without_added_defaults
     from pixelgen.errors import PixelgenError
     from pixelgen.train import RESUMABLE_CHANGES
 
@@ -172,7 +172,7 @@ def _resolve_variants():
                 if cfg["model"]["image_size"] != DATASET["resolution"]:
                     raise WorkflowError(f"variant '{name}': model.image_size {cfg['model']['image_size']} "
                                         f"differs from dataset.resolution {DATASET['resolution']}")
-                flat = flatten(cfg)
+                flat = without_added_defaults(flatten(cfg))  # keys added since hold what runs did before them
                 identity = {k: v for k, v in flat.items() if not k.startswith(("tracking.", "sampling."))}
                 run_keys[name] = digest({k: v for k, v in identity.items() if not k.startswith(RESUMABLE_CHANGES)})
                 sampling = cfg["sampling"]
@@ -222,9 +222,14 @@ def sample_settings(name):
 
 
 def sample_dir(name):
+    from pixelgen.config import without_added_defaults
+
     settings = sample_settings(name)
-    # the batch size changes nothing in the images: not part of the key
-    return f"{SAMPLES}/{name}/{digest({k: v for k, v in settings.items() if k != 'batch_size'})}"
+    # the batch size changes nothing in the images: not part of the key; sampling keys added since hold what
+    # folders were sampled with before them while at their defaults: left out, so old folders keep their key
+    sampling = without_added_defaults({f"sampling.{k}": v for k, v in settings["sampling"].items()})
+    keyed = {**settings, "sampling": {k.removeprefix("sampling."): v for k, v in sampling.items()}}
+    return f"{SAMPLES}/{name}/{digest({k: v for k, v in keyed.items() if k != 'batch_size'})}"
 
 
 def sample_args(name):
