@@ -76,7 +76,8 @@ def ema_only(state: dict) -> dict:
     """The EMA export of a training checkpoint: exactly what `pixelgen sample` reads (sample_job.load_ema_model),
     without the optimizer, the projector, or the per-rank resume state."""
     return {"ema": {"shadow": state["ema"]["shadow"]}, "config": state["config"], "step": state["step"],
-            "encoders_real": state.get("encoders_real", False), "init_from": state.get("init_from")}
+            "encoders_real": state.get("encoders_real", False), "init_from": state.get("init_from"),
+            **({"source": state["source"]} if "source" in state else {})}  # an imported release's provenance
 
 
 def network_weights(state: dict, path: Path) -> tuple[dict, dict]:
