@@ -22,6 +22,8 @@ import torch
 from pixelgen import checkpoint
 from pixelgen.async_save import AsyncWriter, snapshot
 
+from bench_core import time_it  # benchmarks/ is on sys.path when run as a script
+
 
 def tiny_state() -> dict:
     from pixelgen.ema import EMA
@@ -45,15 +47,6 @@ def random_state(params: int, block: int) -> dict:
                                     for i, t in enumerate(weights().values())}}}
 
 
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=["tiny"], default=None, help="the real tiny JiT's state")
@@ -68,7 +61,7 @@ def main() -> None:
                  if isinstance(t, torch.Tensor))
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
         path, writer = Path(folder) / "last.pt", AsyncWriter()
-        sync = median_time(lambda: checkpoint.save_atomic(state, path), args.repeats)
+        sync = time_it(lambda: checkpoint.save_atomic(state, path), args.repeats, warmup=0)
 
         def async_save():
             writer.wait()  # as Trainer.save: the previous write first (not timed below: measured apart)

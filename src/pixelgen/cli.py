@@ -15,25 +15,22 @@ from .errors import PixelgenError
 QUIET_HELP = "no progress: neither the bar (terminal) nor the timestamped progress lines (log file)"
 
 
-def positive_int(text: str) -> int:
-    """argparse type for counts and sizes: a batch of 0 images would divide by zero or loop forever later."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _int_at_least(minimum: int, wording: str):
+    """An argparse type for whole numbers >= `minimum`; `wording` says the bound in the error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {wording}, got {value}")
+        return value
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+# counts and sizes: a batch of 0 images would divide by zero or loop forever later
+positive_int = _int_at_least(1, "at least 1")
+non_negative_int = _int_at_least(0, "0 or more")
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:

@@ -57,13 +57,6 @@ def load_ema_model(ckpt_path: Path):
     return model.eval().requires_grad_(False), state
 
 
-def with_sampling_defaults(config: dict) -> dict:
-    """`config` with the sampling keys of checkpoints written before they existed, at base.yaml's defaults."""
-    from .config import base_config
-
-    return {**config, "sampling": {**base_config()["sampling"], **config["sampling"]}}
-
-
 def weights_digest(state: dict) -> str:
     """sha256 of the model config and of every EMA tensor's name, dtype, shape and bytes, in name order."""
     import hashlib
@@ -184,7 +177,7 @@ def run_sampling(ckpt: Path, num: int, out: Path, *, sampler: str | None = None,
     d = distributed.init(device)
     try:
         model, state = load_ema_model(Path(ckpt))
-        sc = section_over(with_sampling_defaults(state["config"]), "sampling", config_file, overrides)
+        sc = section_over(state["config"], "sampling", config_file, overrides)  # fills newer keys' defaults
         settings = sampling_settings(state, sc, sampler=sampler, steps=steps, guidance=guidance, interval=interval,
                                      shift=shift, seed=seed, num=num, shard_size=shard_size, precision=precision,
                                      compile=compile)
