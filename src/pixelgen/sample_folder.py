@@ -63,10 +63,14 @@ def part_lock_folder(out: Path, part_index: int, parts: int) -> Path:
 
 # recorded for the refusal message only: the same weights under another path are the same checkpoint
 NOT_COMPARED = ("ckpt",)
-# settings recorded since fast sampling, with the value every folder recorded before them was sampled with
-# (CPU noise, fp32 eager), so those folders stay valid for runs that ask the same
-SAMPLED_BEFORE_RECORDED = {"precision": "fp32", "compile": False, "noise_device": "cpu",
-                           "guidance_schedule": "interval"}
+def sampled_before_recorded(key: str):
+    """The value a setting recorded only since it was added (config.ADDED_KEYS: precision, compile, noise_device,
+    guidance_schedule) had in every folder recorded before it: its default, which is the behaviour from before
+    it existed. So those folders stay valid for runs that ask the same."""
+    from .config import ADDED_KEYS, base_config
+
+    name = f"sampling.{key}"
+    return base_config()["sampling"][key] if name in ADDED_KEYS else None
 
 
 def record_once(path: Path, identity: dict) -> dict:
@@ -91,7 +95,7 @@ def differences(recorded: dict, identity: dict) -> list[str]:
 
 
 def recorded_value(recorded: dict, key: str):
-    return recorded.get(key, SAMPLED_BEFORE_RECORDED.get(key))
+    return recorded[key] if key in recorded else sampled_before_recorded(key)
 
 
 def mismatch_message(out: Path, recorded: dict, identity: dict, keys: list[str]) -> str:
