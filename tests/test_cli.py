@@ -32,3 +32,10 @@ def test_console_script_is_installed():
     exe = shutil.which("pixelgen")
     assert exe, "pip install should put a `pixelgen` console script on PATH"
     assert subprocess.run([exe, "--help"], capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("args", [["--eval-run", "heun_nfe9"], ["--parent-run-id-file", "p.parent"]])
+def test_score_eval_run_without_its_parent_file_or_name_is_refused_in_one_line(tmp_path, args):
+    result = run_cli("score", str(tmp_path / "samples"), "--ref", "r.npz", "--out", str(tmp_path / "m.json"), *args)
+    assert result.returncode == 2 and "--eval-run and --parent-run-id-file go together" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "m.json").exists()

@@ -161,3 +161,31 @@ def test_everything_is_a_no_op_when_tracking_is_off(tmp_path):
     with SystemMetrics(off) as monitor:
         assert monitor.monitor is None
     assert not (tmp_path / "ema.safetensors").exists()
+
+
+def test_an_eval_run_is_one_per_sample_folder_and_weights(store, tmp_path):
+    from mlflow import MlflowClient
+
+    from pixelgen.tracking import log_eval_run
+
+    parent = start_parent_run("unit", "workflow-unit", store, tmp_path / "unit.parent")
+    samples = tmp_path / "it's samples"  # a quote in the path must not break the lookup
+    metrics_file = tmp_path / "m.json"
+    metrics_file.write_text("{}")
+
+    def score(fid, digest, folder=samples):
+        result = {"samples": str(folder), "fid": fid, "recall": 0.5, "weights": "random",
+                  "sampling": {"sampler": "heun", "steps": 5, "ckpt_step": 4, "ckpt_digest": digest}}
+        return log_eval_run(result, metrics_file, {"run_dir": str(tmp_path / "no-run")}, "heun_nfe9", parent, store)
+
+    first = score(10.0, "aaa")
+    assert score(11.0, "aaa") == first  # rescoring the same samples: the same run, a second point
+    client = MlflowClient(tracking_uri=store)
+    assert [m.value for m in client.get_metric_history(first, "eval/fid")] == [10.0, 11.0]
+    run = client.get_run(first)
+    assert run.data.tags["mlflow.parentRunId"] == parent and run.data.tags["train_run_id"] == "none"
+    assert run.data.params["sampling.sampler"] == "heun" and run.info.status == "FINISHED"
+    # other weights behind the same folder (a retrain under the same key), or another folder: a run of its own
+    retrained, other = score(12.0, "bbb"), score(13.0, "aaa", tmp_path / "other")
+    assert len({first, retrained, other}) == 3
+    assert [m.value for m in client.get_metric_history(retrained, "eval/fid")] == [12.0]

@@ -252,6 +252,13 @@ def add_score(sub) -> None:
     sc.add_argument("--ref", required=True, help="ref-stats .npz or the ADM reference batch")
     sc.add_argument("--out", required=True, help="metrics.json to write")
     sc.add_argument("--mlflow-run-id", help="log to this run (default: the training run of the checkpoint)")
+    sc.add_argument("--eval-run", metavar="NAME",
+                    help="log to an evaluation run of its own named NAME, a child of --parent-run-id-file's run, "
+                         "instead of the training run (the workflow does this for a variant that samples a run "
+                         "another variant trained, or an imported release)")
+    sc.add_argument("--parent-run-id-file", help="the file `pixelgen track-parent` wrote (with --eval-run)")
+    sc.add_argument("--uri", help="MLflow tracking URI for --eval-run (default: MLFLOW_TRACKING_URI, else "
+                                  "sqlite:///results/mlflow.db)")
     sc.add_argument("--is-splits", choices=["adm", "torch-fidelity"], default="adm",
                     help="Inception Score splits: adm = contiguous 5,000-image splits as the ADM evaluator "
                          "(default, the paper's numbers); torch-fidelity = its 10 splits")
@@ -271,9 +278,14 @@ def add_score(sub) -> None:
 def run_score(args) -> int:
     from .score import score
 
+    if bool(args.eval_run) != bool(args.parent_run_id_file):
+        raise PixelgenError("--eval-run and --parent-run-id-file go together: name the evaluation run and the "
+                            "workflow's parent run file", exit_code=2)
+    eval_run = (args.eval_run, Path(args.parent_run_id_file)) if args.eval_run else None
     result = score(Path(args.samples), Path(args.ref), Path(args.out), batch_size=args.batch_size,
                    weights_dir=args.weights_dir, allow_random=args.allow_random_weights, device=args.device,
-                   mlflow_run_id=args.mlflow_run_id, progress=not args.quiet, is_mode=args.is_splits,
+                   mlflow_run_id=args.mlflow_run_id, eval_run=eval_run, tracking_uri=args.uri,
+                   progress=not args.quiet, is_mode=args.is_splits,
                    pr_distance=args.pr_distance, workers=args.workers,
                    ref_cache=Path(args.ref_cache) if args.ref_cache else None)
     label = "" if result["comparable"] else "  [random weights: NOT comparable to published numbers]"

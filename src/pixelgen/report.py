@@ -24,6 +24,16 @@ def read_metrics_log(run_dir: Path) -> pd.DataFrame:
     return frame.drop_duplicates("step", keep="last").sort_values("step")
 
 
+def sampler_and_nfe(sampling: dict) -> tuple[str | None, int | None]:
+    """The sampler of a metrics.json and its model evaluations per image (at guidance 1; metrics written before
+    `nfe_per_image` was recorded get it from the sampler and its steps)."""
+    from .solvers import evaluations
+
+    if "sampler" not in sampling:
+        return None, None
+    return sampling["sampler"], sampling.get("nfe_per_image", evaluations(sampling["sampler"], sampling["steps"]))
+
+
 def results_table(grid: dict, metrics_dir: Path) -> pd.DataFrame:
     rows = []
     for name, variant in grid["variants"].items():
@@ -34,6 +44,7 @@ def results_table(grid: dict, metrics_dir: Path) -> pd.DataFrame:
         for key, label, _ in COLUMNS:
             row[label] = ours.get(key)
             row[f"{label} (paper)"] = paper.get(label.lower())
+        row["sampler"], row["NFE"] = sampler_and_nfe(ours.get("sampling", {}))
         row["samples"] = ours.get("num_samples")
         row["weights"] = ours.get("weights", "missing")
         rows.append(row)
@@ -50,16 +61,28 @@ def to_markdown(table: pd.DataFrame, title: str) -> str:
         lines += ["**Metrics marked with † were computed with randomly initialised encoder/Inception weights: "
                   "they show the pipeline works, and are not comparable to the paper's numbers.**", ""]
     labels = [cell for _, label, _ in COLUMNS for cell in (label, f"{label} (paper)")]
-    header = "| " + " | ".join(["variant", *labels, "samples"]) + " |"
-    lines += [header, "|" + "---|" * (len(labels) + 2)]
+    header = "| " + " | ".join(["variant", *labels, "sampler", "NFE", "samples"]) + " |"
+    lines += [header, "|" + "---|" * (len(labels) + 4)]
     for _, r in table.iterrows():
         mark = " †" if r["weights"] == "random" else ""
         cells = [f"{r['variant']}{mark}"]
         for _, label, digits in COLUMNS:
             cells += [fmt(r[label], digits), fmt(r[f"{label} (paper)"], digits)]
-        cells.append("" if pd.isna(r["samples"]) else str(int(r["samples"])))
+        cells.append("" if pd.isna(r["sampler"]) else r["sampler"])
+        cells += ["" if pd.isna(r[key]) else str(int(r[key])) for key in ("NFE", "samples")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def distinct_runs(grid: dict, runs_dir: Path) -> dict[str, Path]:
+    """{label: run dir} with each training run once: variants that share a run (they differ in sampling only,
+    e.g. a sampler grid) are one curve, labelled by the first of them and how many more share it."""
+    sharing: dict[Path, list[str]] = {}
+    for name in grid["variants"]:
+        run = Path(runs_dir) / name
+        sharing.setdefault(run.resolve() if run.exists() else run, []).append(name)
+    return {names[0] + (f" (+{len(names) - 1} sharing its run)" if len(names) > 1 else ""): Path(runs_dir) / names[0]
+            for names in sharing.values()}
 
 
 def plot_losses(grid: dict, runs_dir: Path, out: Path) -> Path:
@@ -70,8 +93,8 @@ def plot_losses(grid: dict, runs_dir: Path, out: Path) -> Path:
 
     terms = ["loss/loss", "loss/fm", "loss/repa", "loss/lpips", "loss/pdino"]
     fig, axes = plt.subplots(1, len(terms), figsize=(4 * len(terms), 3.2))
-    for name in grid["variants"]:
-        frame = read_metrics_log(Path(runs_dir) / name)
+    for name, run in distinct_runs(grid, runs_dir).items():
+        frame = read_metrics_log(run)
         for ax, term in zip(axes, terms):
             if not frame.empty and term in frame:
                 ax.plot(frame["step"], frame[term], label=name)
@@ -99,6 +122,31 @@ def plot_fid_recall(table: pd.DataFrame, out: Path) -> Path:
     ax.set_xlabel("recall (higher is better)")
     ax.set_ylabel("FID (lower is better)")
     ax.set_title("FID vs recall" + (" (random weights)" if (table["weights"] == "random").any() else ""))
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_fid_vs_nfe(table: pd.DataFrame, out: Path) -> Path:
+    """FID against model evaluations per image (log x), one line per sampler: the sampler grid's answer to
+    "how few steps are enough" (a grid with one setting per variant shows points)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scored = table[table["FID"].notna() & table["NFE"].notna()]
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    for sampler, rows in scored.groupby("sampler", sort=True):
+        rows = rows.sort_values("NFE")
+        ax.plot(rows["NFE"], rows["FID"], marker="o", label=sampler)
+    ax.set_xscale("log")
+    ax.set_xlabel("model evaluations per image at guidance 1 (NFE)")
+    ax.set_ylabel("FID (lower is better)")
+    ax.set_title("FID vs NFE" + (" (random weights)" if (table["weights"] == "random").any() else ""))
+    if len(scored):
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -139,8 +187,8 @@ def plot_gate_weights(grid: dict, runs_dir: Path, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name in grid["variants"]:
-        for label, (t, w) in gate_curves(Path(runs_dir) / name).items():
+    for name, run in distinct_runs(grid, runs_dir).items():
+        for label, (t, w) in gate_curves(run).items():
             ax.plot(t, w, marker="o" if label else None, markersize=3, label=f"{name}{label}")
     ax.set_xlabel("t (0 = noise, 1 = clean)")
     ax.set_ylabel("perceptual loss weight")
@@ -163,10 +211,11 @@ def build_report(grid_file: Path, metrics_dir: Path, runs_dir: Path, out: Path, 
     plot_losses(grid, runs_dir, out / "loss_curves.png")
     plot_fid_recall(table, out / "fid_recall.png")
     plot_gate_weights(grid, runs_dir, out / "gate_weights.png")
-    for name in grid["variants"]:
-        grid_png = Path(runs_dir) / name / "previews" / "final.png"
+    plot_fid_vs_nfe(table, out / "fid_vs_nfe.png")
+    for label, run in distinct_runs(grid, runs_dir).items():  # a shared run's training preview once, by its owner
+        grid_png = run / "previews" / "final.png"
         if grid_png.exists():
-            shutil.copyfile(grid_png, out / "samples" / f"{name}.png")
+            shutil.copyfile(grid_png, out / "samples" / f"{run.name}.png")
     write_dvc_files(grid, table, runs_dir, out)
     return {"rows": len(table), "out": str(out)}
 

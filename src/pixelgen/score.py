@@ -37,7 +37,7 @@ POOL3, SPATIAL = 2048, 2023  # feature sizes: pool3 (FID, KID, precision/recall)
 ADM_BATCH = "ADM reference batch"
 # what metrics.json repeats of samples.json: the settings and the checkpoint (step, weights digest) it scores
 SAMPLING_KEYS = ("sampler", "steps", "guidance", "guidance_schedule", "interval", "shift", "precision", "compile",
-                 "noise_device", "ckpt_step", "ckpt_digest")
+                 "noise_device", "ckpt_step", "ckpt_digest", "nfe_per_image")
 
 
 def shard_batches(shard_dir: Path, batch_size: int, limit: int | None) -> Iterator[torch.Tensor]:
@@ -325,9 +325,15 @@ def cached_batch_features(ref: Path, images: np.ndarray, net, device, batch_size
 def score(samples: Path, ref: Path, out: Path, *, batch_size: int = 100, weights_dir: str | None = None,
           allow_random: bool = False, device: str = "auto", mlflow_run_id: str | None = None,
           tracking_uri: str | None = None, progress: bool = True, is_mode: str = "adm",
-          pr_distance: str = "adm", workers: int | None = None, ref_cache: Path | None = None) -> dict:
+          pr_distance: str = "adm", workers: int | None = None, ref_cache: Path | None = None,
+          eval_run: tuple[str, Path] | None = None) -> dict:
     """Score `samples` against `ref`; `workers` decode the sample shards (None: default_workers, 0: this
-    process); the ADM reference batch's features are cached in `ref_cache` (default: beside `ref`)."""
+    process); the ADM reference batch's features are cached in `ref_cache` (default: beside `ref`).
+    The metrics go to MLflow: to `eval_run` = (name, parent run id file) when given (tracking.log_eval_run),
+    else to `mlflow_run_id` or the checkpoint's training run."""
+    if eval_run is not None and not Path(eval_run[1]).is_file():
+        raise PixelgenError(f"parent run id file not found: {eval_run[1]} (run `pixelgen track-parent` first)",
+                            exit_code=2)
     from .distributed import pick_device
 
     dev = pick_device(device, 0)
@@ -343,9 +349,13 @@ def score(samples: Path, ref: Path, out: Path, *, batch_size: int = 100, weights
     result["samples"] = str(samples)
     write_json_atomic(out, result)
     try:
-        from .tracking import log_eval_metrics
+        from .tracking import log_eval_metrics, log_eval_run
 
-        log_eval_metrics(result, Path(out), manifest, mlflow_run_id, tracking_uri)
+        if eval_run is not None:
+            log_eval_run(result, Path(out), manifest, eval_run[0], Path(eval_run[1]).read_text().strip(),
+                         tracking_uri)
+        else:
+            log_eval_metrics(result, Path(out), manifest, mlflow_run_id, tracking_uri)
     except Exception as err:  # the numbers are safe in metrics.json; a tracking hiccup must not lose them
         print(f"warning: could not log the metrics to MLflow ({type(err).__name__}: {str(err)[:200]}); "
               f"they are in {out}", file=sys.stderr)

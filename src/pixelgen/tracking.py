@@ -224,11 +224,52 @@ def log_eval_metrics(result: dict, metrics_file: Path, manifest: dict, run_id: s
     client = client_for(tracking_uri(uri or manifest.get("tracking_uri")))
     step = int(result["sampling"].get("ckpt_step", 0))
     now = int(time.time() * 1000)
-    keys = ("fid", "sfid", "inception_score", "kid", "precision", "recall")
     with_retries(client.log_batch, run_id, metrics=[Metric(f"eval/{k}", float(result[k]), now, step)
-                                                    for k in keys if result.get(k) is not None])
+                                                    for k in EVAL_KEYS if result.get(k) is not None])
     with_retries(client.set_tag, run_id, "eval_weights", result["weights"])
     with_retries(client.log_artifact, run_id, str(metrics_file), "eval")
+    return run_id
+
+
+EVAL_KEYS = ("fid", "sfid", "inception_score", "kid", "precision", "recall")
+
+
+def log_eval_run(result: dict, metrics_file: Path, manifest: dict, name: str, parent_run_id: str,
+                 uri: str | None = None) -> str:
+    """Attach `pixelgen score`'s metrics to an evaluation run of their own: a child of the workflow's parent run,
+    named `name` (the grid variant), with the sampling settings as params and a tag naming the training run
+    sampled (its id, if it has one). For variants that sample a run another variant trained, or an imported
+    release: logging them into the training run would make several variants' FIDs one metric's history.
+    The run is found again by its sample folder and the weights sampled (tag `eval_key`, a hex digest: no
+    quoting in the search), so rescoring the same samples logs into it, and new weights behind the same folder
+    (a retrain under the same key) get a new run instead of joining the old one's history."""
+    import hashlib
+
+    from mlflow.entities import Metric, Param
+
+    client = client_for(tracking_uri(uri))
+    reopen(client, parent_run_id)
+    experiment = with_retries(client.get_run, parent_run_id).info.experiment_id
+    samples = str(Path(result["samples"]).resolve())
+    key = hashlib.sha256(f"{samples}|{result['sampling'].get('ckpt_digest')}".encode()).hexdigest()[:32]
+    found = with_retries(client.search_runs, [experiment], filter_string=f"tags.eval_key = '{key}'", max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+    else:
+        train_file = Path(manifest.get("run_dir", "")) / "mlflow_run_id"
+        tags = {"mlflow.parentRunId": parent_run_id, "kind": "eval", "variant": name, "eval_key": key,
+                "eval_samples": samples, "checkpoint": str(manifest.get("ckpt", "")), "git_commit": git_commit(),
+                "train_run_id": train_file.read_text().strip() if train_file.is_file() else "none"}
+        run_id = with_retries(client.create_run, experiment, run_name=name, tags=tags).info.run_id
+        params = [Param(f"sampling.{k}", str(v)[:6000]) for k, v in result["sampling"].items()]
+        with_retries(client.log_batch, run_id, params=params)
+    step = int(result["sampling"].get("ckpt_step", 0))
+    now = int(time.time() * 1000)
+    with_retries(client.log_batch, run_id, metrics=[Metric(f"eval/{k}", float(result[k]), now, step)
+                                                    for k in EVAL_KEYS if result.get(k) is not None])
+    with_retries(client.set_tag, run_id, "eval_weights", result["weights"])
+    with_retries(client.log_artifact, run_id, str(metrics_file), "eval")
+    with_retries(client.set_terminated, run_id, "FINISHED")
     return run_id
 
 

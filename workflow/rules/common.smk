@@ -4,8 +4,11 @@
 # params (or an input file), so Snakemake's params trigger reruns exactly the rules a changed setting reaches.
 # Paths are keyed by what determines their content where a rerun could otherwise reuse stale files:
 #   shards   work/shards/<name>-<resolution>-<format>-<shard_size>/     (pixelgen shard keeps finished shards)
-#   runs     work/runs/<grid>/<variant>/<run key>/   (digest of the resolved model config, less the settings a run
-#            may change and still resume: pixelgen.train.RESUMABLE_CHANGES, tracking.*, sampling.*)
+#   runs     work/runs/<grid>/<owner>/<run key>/   (digest of the resolved model config, less the settings a run
+#            may change and still resume: pixelgen.train.RESUMABLE_CHANGES, tracking.*, sampling.*). Variants
+#            whose training is the same (they differ in sampling.* or tracking.* only) share one run: its owner is
+#            the first of them in the grid (RUN_OWNER), so a sampler grid trains once and samples that model
+#            each way; a variant that trains differently is its own owner (the folder it always had).
 #   samples  work/samples/<grid>/<variant>/<sample key>/   (digest of the checkpoint's config, sampling settings,
 #            number and shard size of samples: pixelgen sample keeps finished shards)
 import hashlib
@@ -183,6 +186,18 @@ def _resolve_variants():
 
 
 RESOLVED, RUN_KEYS = _resolve_variants()
+
+
+def _run_owners():
+    """{variant: the variant whose run it samples}: the first variant in the grid with the same checkpoint identity
+    (the whole resolved training config, resumable settings included, or the same imported release), so two
+    variants never train in one folder with different settings."""
+    first = {}
+    return {name: first.setdefault(digest(RESOLVED[name][0]), name) for name in VARIANTS}
+
+
+RUN_OWNER = _run_owners()
+OWNERS = sorted(set(RUN_OWNER.values()))
 if TRAINED and not DATASET["generate_demo"] and not Path(RAW).exists():
     raise WorkflowError(f"raw dataset not found: {RAW} (run `dvc pull`, or link your ImageFolder there; "
                         f"see README, Data)")
@@ -206,12 +221,31 @@ def train_digest(name):
 
 
 def run_dir(name):
-    return f"{RUNS}/{name}/{RUN_KEYS[name]}"
+    """The run a variant samples: its owner's (RUN_OWNER), trained or imported once for every variant sharing it."""
+    owner = RUN_OWNER[name]
+    return f"{RUNS}/{owner}/{RUN_KEYS[owner]}"
 
 
-def checkpoint(name):
-    """What sampling loads: the EMA-only export next to final.pt (an imported release is EMA-only already)."""
-    return f"{run_dir(name)}/checkpoints/final_ema.pt"
+def uses_eval_run(name):
+    """`pixelgen score` logs a variant's metrics to its training run when the variant trained that run itself;
+    any other variant (it samples another variant's run, or an imported release) gets an evaluation run of its
+    own under the workflow's parent run, so several variants' FIDs never land as one metric of one run."""
+    return not (name in TRAINED and RUN_OWNER[name] == name)
+
+
+PARENT_FILE = f"{WORK}/mlflow/{GRID}.parent"
+
+
+def score_options(name):
+    """The score rule's options: the random-weights flag, and for a variant with an evaluation run its name and
+    the parent run file. (Only that variant's command changes: a variant that trained its run keeps the command
+    it always had, so finished workflows are not rescored.)"""
+    options = [random_flag()]
+    if uses_eval_run(name):
+        options += [f"--eval-run {name} --parent-run-id-file {PARENT_FILE}"]
+        if config.get("mlflow_uri"):
+            options.append(f"--uri {config['mlflow_uri']}")
+    return " ".join(o for o in options if o)
 
 
 def sample_settings(name):

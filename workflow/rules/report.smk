@@ -8,6 +8,7 @@ rule report:
         csv=f"{RESULTS}/table.csv",
         losses=report(f"{RESULTS}/loss_curves.png", category="Training", caption="../report/loss_curves.rst"),
         fid_recall=report(f"{RESULTS}/fid_recall.png", category="Results", caption="../report/fid_recall.rst"),
+        fid_nfe=report(f"{RESULTS}/fid_vs_nfe.png", category="Results", caption="../report/fid_vs_nfe.rst"),
         gates=report(f"{RESULTS}/gate_weights.png", category="Training", caption="../report/gate_weights.rst"),
         samples=report(directory(f"{RESULTS}/samples"), patterns=["{name}.png"], category="Samples",
                        caption="../report/samples.rst"),

@@ -27,7 +27,7 @@ rule train:
         final=f"{RUNS}/{{variant}}/{{runkey}}/checkpoints/final.pt",
         ema=f"{RUNS}/{{variant}}/{{runkey}}/checkpoints/final_ema.pt",
     wildcard_constraints:
-        variant=names_pattern(TRAINED),
+        variant=names_pattern([v for v in TRAINED if v in OWNERS]),
         runkey="[0-9a-f]{12}",
     params:
         config_file=config["pixelgen"],
@@ -61,7 +61,7 @@ rule import_official:
     output:
         f"{RUNS}/{{variant}}/{{release}}/checkpoints/final_ema.pt",
     wildcard_constraints:
-        variant=names_pattern(IMPORTED),
+        variant=names_pattern([v for v in IMPORTED if v in OWNERS]),
     log:
         f"{LOGS}/import/{{variant}}-{{release}}.log",
     threads: 1
