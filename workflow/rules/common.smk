@@ -248,6 +248,11 @@ def score_options(name):
     return " ".join(o for o in options if o)
 
 
+def checkpoint(name):
+    """What sampling loads: the EMA-only export next to final.pt (an imported release is EMA-only already)."""
+    return f"{run_dir(name)}/checkpoints/final_ema.pt"
+
+
 def sample_settings(name):
     """Everything that determines a variant's samples, passed to every sample job (params) and keying its folder."""
     identity, sampling = RESOLVED[name]
