@@ -212,7 +212,7 @@ def build_report(grid_file: Path, metrics_dir: Path, runs_dir: Path, out: Path, 
     plot_fid_recall(table, out / "fid_recall.png")
     plot_gate_weights(grid, runs_dir, out / "gate_weights.png")
     plot_fid_vs_nfe(table, out / "fid_vs_nfe.png")
-    for label, run in distinct_runs(grid, runs_dir).items():  # a shared run's training preview once, by its owner
+    for run in distinct_runs(grid, runs_dir).values():  # a shared run's training preview once, by its owner
         grid_png = run / "previews" / "final.png"
         if grid_png.exists():
             shutil.copyfile(grid_png, out / "samples" / f"{run.name}.png")

@@ -214,24 +214,33 @@ def log_eval_metrics(result: dict, metrics_file: Path, manifest: dict, run_id: s
                      uri: str | None = None) -> str | None:
     """Attach `pixelgen score`'s metrics (eval/fid, ...), its weights label and metrics.json to the training run:
     `run_id`, or the one recorded in the run dir named by the sample manifest. Returns the run id, None if none."""
-    if run_id is None and manifest.get("run_dir"):
-        id_file = Path(manifest["run_dir"]) / "mlflow_run_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else None
+    run_id = run_id or training_run_id(manifest)
     if run_id is None:
         return None
+    client = client_for(tracking_uri(uri or manifest.get("tracking_uri")))
+    _log_scores(client, run_id, result, metrics_file)
+    return run_id
+
+
+EVAL_KEYS = ("fid", "sfid", "inception_score", "kid", "precision", "recall")
+
+
+def training_run_id(manifest: dict) -> str | None:
+    """The MLflow run of the training run a sample folder's checkpoint came from (None: imported, or untracked)."""
+    id_file = Path(manifest.get("run_dir") or "") / "mlflow_run_id"
+    return id_file.read_text().strip() if manifest.get("run_dir") and id_file.is_file() else None
+
+
+def _log_scores(client, run_id: str, result: dict, metrics_file: Path) -> None:
+    """`eval/*` at the checkpoint's step, the weights label and metrics.json, into one run."""
     from mlflow.entities import Metric  # imported only when there is a run: it takes seconds
 
-    client = client_for(tracking_uri(uri or manifest.get("tracking_uri")))
     step = int(result["sampling"].get("ckpt_step", 0))
     now = int(time.time() * 1000)
     with_retries(client.log_batch, run_id, metrics=[Metric(f"eval/{k}", float(result[k]), now, step)
                                                     for k in EVAL_KEYS if result.get(k) is not None])
     with_retries(client.set_tag, run_id, "eval_weights", result["weights"])
     with_retries(client.log_artifact, run_id, str(metrics_file), "eval")
-    return run_id
-
-
-EVAL_KEYS = ("fid", "sfid", "inception_score", "kid", "precision", "recall")
 
 
 def log_eval_run(result: dict, metrics_file: Path, manifest: dict, name: str, parent_run_id: str,
@@ -245,7 +254,7 @@ def log_eval_run(result: dict, metrics_file: Path, manifest: dict, name: str, pa
     (a retrain under the same key) get a new run instead of joining the old one's history."""
     import hashlib
 
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Param
 
     client = client_for(tracking_uri(uri))
     reopen(client, parent_run_id)
@@ -256,19 +265,13 @@ def log_eval_run(result: dict, metrics_file: Path, manifest: dict, name: str, pa
     if found:
         run_id = found[0].info.run_id
     else:
-        train_file = Path(manifest.get("run_dir", "")) / "mlflow_run_id"
         tags = {"mlflow.parentRunId": parent_run_id, "kind": "eval", "variant": name, "eval_key": key,
                 "eval_samples": samples, "checkpoint": str(manifest.get("ckpt", "")), "git_commit": git_commit(),
-                "train_run_id": train_file.read_text().strip() if train_file.is_file() else "none"}
+                "train_run_id": training_run_id(manifest) or "none"}
         run_id = with_retries(client.create_run, experiment, run_name=name, tags=tags).info.run_id
         params = [Param(f"sampling.{k}", str(v)[:6000]) for k, v in result["sampling"].items()]
         with_retries(client.log_batch, run_id, params=params)
-    step = int(result["sampling"].get("ckpt_step", 0))
-    now = int(time.time() * 1000)
-    with_retries(client.log_batch, run_id, metrics=[Metric(f"eval/{k}", float(result[k]), now, step)
-                                                    for k in EVAL_KEYS if result.get(k) is not None])
-    with_retries(client.set_tag, run_id, "eval_weights", result["weights"])
-    with_retries(client.log_artifact, run_id, str(metrics_file), "eval")
+    _log_scores(client, run_id, result, metrics_file)
     with_retries(client.set_terminated, run_id, "FINISHED")
     return run_id
 
