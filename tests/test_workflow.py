@@ -1,68 +1,18 @@
-"""The workflow as users drive it: snakemake (local and Slurm), dvc repro, and MLflow's server and UI."""
+"""The workflow as users drive it: snakemake (local and Slurm), reruns, grids, and MLflow's server and UI."""
 
 import json
-import os
 import re
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-
-
-def package_writes_final_ema() -> bool:
-    """Whether `pixelgen train` writes checkpoints/final_ema.pt (the EMA-only export sampling reads)."""
-    import pixelgen.train
-
-    return "final_ema" in Path(pixelgen.train.__file__).read_text()
-
-
-def _stand_in_final_ema(root: Path) -> None:
-    """Until the installed package exports final_ema.pt, the copy's train rule copies final.pt there (it has every
-    key `pixelgen sample --ckpt` reads). Noted in the test output; gone once train writes the file itself."""
-    rules = root / "workflow/rules/train.smk"
-    text = rules.read_text()
-    old = '--run-dir {params.run_dir} --quiet >> {log} 2>&1"'
-    assert old in text
-    rules.write_text(text.replace(old, old[:-1] + ' && cp {output.final} {output.ema}"'))
-
-
-def project_copy(dest: Path) -> Path:
-    """The files a fresh clone has (no work/, results/, .snakemake/), as a git repo for DVC."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in ["config", "workflow", "src", "pyproject.toml", "data.dvc", "dvc.yaml", ".dvcignore", "README.md"]:
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        else:
-            shutil.copy(source, dest / name)
-    shutil.copytree(REPO / ".dvc", dest / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp"))
-    os.symlink("workflow/profiles/slurm", dest / "slurm")
-    (dest / ".gitignore").write_text((REPO / ".gitignore").read_text())
-    if not package_writes_final_ema():
-        _stand_in_final_ema(dest)
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], cwd=dest, check=True)
-    return dest
-
-
-def snakemake(cwd, *args, timeout=1800):
-    return subprocess.run([str(BIN / "snakemake"), *args], cwd=cwd, capture_output=True, text=True, env=ENV,
-                          timeout=timeout)
-
-
-def tree(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+from workflow_helpers import (BIN, ENV, REPO, edit_yaml, grid_sets, mlflow_client, planned, project_copy, run_grid,
+                              runs_by_name, snakemake, tree)
 
 
 @pytest.fixture(scope="module")
@@ -74,75 +24,6 @@ def local_run(tmp_path_factory):
     return root
 
 
-def test_typo_in_workflow_config_fails_before_any_job(tmp_path):
-    root = project_copy(tmp_path / "p")
-    config = yaml.safe_load((root / "config/test.yaml").read_text())
-    config["sample"]["nmu"] = 3
-    (root / "config/typo.yaml").write_text(yaml.safe_dump(config))
-    result = snakemake(root, "-n", "--cores", "1", "all", "--configfile", "config/typo.yaml")
-    assert result.returncode != 0 and "nmu" in result.stdout + result.stderr
-    assert not (root / "work").exists()
-
-
-def test_typo_in_a_variant_fails_before_any_job_naming_variant_and_key(tmp_path):
-    root = project_copy(tmp_path / "p")
-    grid = {"variants": {"broken": {"set": ["loss.gatee=0.2"]}}}
-    (root / "config/grids/broken.yaml").write_text(yaml.safe_dump(grid))
-    config = yaml.safe_load((root / "config/test.yaml").read_text())
-    config["variants"] = "config/grids/broken.yaml"
-    (root / "config/broken.yaml").write_text(yaml.safe_dump(config))
-    result = snakemake(root, "-n", "--cores", "1", "all", "--configfile", "config/broken.yaml")
-    output = result.stdout + result.stderr
-    assert result.returncode != 0 and "broken" in output and "loss.gatee" in output
-
-
-def test_typo_in_a_grid_fails_before_any_job_naming_the_key(tmp_path):
-    root = project_copy(tmp_path / "p")
-    config = yaml.safe_load((root / "config/test.yaml").read_text())
-    for bad, key in [({"v": {"sets": ["loss.gate=0.5"]}}, "sets"),
-                     ({"v": {"set": [], "paper": {"fid": 7.5, "recall": 0.6}}}, "recall"),
-                     ({"v": {"sample": {"sampler": "heun"}}}, "sampler")]:
-        (root / "config/grids/bad.yaml").write_text(yaml.safe_dump({"variants": bad}))
-        (root / "config/bad.yaml").write_text(yaml.safe_dump({**config, "variants": "config/grids/bad.yaml"}))
-        result = snakemake(root, "-n", "--cores", "1", "all", "--configfile", "config/bad.yaml")
-        output = result.stdout + result.stderr
-        assert result.returncode != 0 and f"'{key}'" in output and "grid" in output, output[-2000:]
-        assert not (root / "work").exists()
-
-
-def test_lint_is_clean():
-    result = snakemake(REPO, "--lint", timeout=600)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0 and "Congratulations, your workflow is in a good condition" in output, output
-
-
-def test_every_grid_and_config_resolves():
-    """Each shipped workflow config with each grid it names dry-runs (schemas, variants, sampling settings)."""
-    from pixelgen.config import load_grid
-
-    for grid in sorted((REPO / "config/grids").glob("*.yaml")):
-        assert load_grid(grid)["variants"]
-    result = snakemake(REPO, "-n", "--cores", "1", "all", "--configfile", "config/test.yaml", timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-
-
-def planned(root: Path, configfile: str = "config/test.yaml") -> dict[str, int]:
-    """The jobs a dry run plans, per rule (Snakemake's 'Job stats' table); {} when there is nothing to do."""
-    result = snakemake(root, "-n", "--cores", "2", "all", "--configfile", configfile, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    out = result.stdout + result.stderr
-    if "Nothing to be done" in out:
-        return {}
-    lines = out.split("Job stats:")[1].splitlines()
-    jobs = {}
-    for line in lines[3:]:
-        parts = line.split()
-        if len(parts) != 2 or parts[0] == "total":
-            break
-        jobs[parts[0]] = int(parts[1])
-    return jobs
-
-
 @pytest.fixture
 def finished(local_run, tmp_path):
     """A copy of the finished local run (outputs, mtimes, Snakemake's metadata), to change settings in."""
@@ -150,12 +31,6 @@ def finished(local_run, tmp_path):
     shutil.copytree(local_run, root, symlinks=True)
     assert planned(root) == {}
     return root
-
-
-def edit_yaml(path: Path, change) -> None:
-    data = yaml.safe_load(path.read_text())
-    change(data)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
 DOWNSTREAM_OF_SAMPLES = {"score": 2, "report": 1, "all": 1}
@@ -214,27 +89,6 @@ def test_new_weights_under_the_same_key_are_resampled_not_refused_or_reused(fini
 
 
 # --- the grids beyond the paper (config/grids/solvers.yaml, gate_schedule.yaml, components.yaml), end to end ---
-def run_grid(root: Path, grid_file: str, grid: str) -> str:
-    """`snakemake all` of a grid in the test config (one sampling part per variant: fewer processes); its log."""
-    result = snakemake(root, "--cores", "2", "all", "--configfile", "config/test.yaml", "--set-scatter",
-                       "sample_parts=1", "--config", f"variants={grid_file}", f"grid={grid}")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout + result.stderr
-
-
-def mlflow_client(root: Path):
-    from mlflow import MlflowClient
-
-    return MlflowClient(f"sqlite:///{root / 'results/mlflow.db'}")
-
-
-def runs_by_name(client, experiment: str) -> dict:
-    exp = client.get_experiment_by_name(experiment)
-    return {r.info.run_name: r for r in client.search_runs([exp.experiment_id], max_results=500)}
-
-
-def grid_sets(variant: dict) -> dict:
-    return {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in variant.get("set", []))}
 
 
 def test_variants_share_a_training_run_only_when_their_training_is_identical(finished):
@@ -318,32 +172,6 @@ def test_loss_weighting_grids_train_every_variant_end_to_end(finished, grid):
         [run] = (runs / "learned").iterdir()
         last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
         assert len([k for k in last if k.startswith("gate_weight/")]) >= 10
-
-
-def test_every_rule_has_a_log_and_calls_pixelgen():
-    rules = (REPO / "workflow/rules").glob("*.smk")
-    text = "\n" + "\n".join(p.read_text() for p in rules)
-    blocks = [b for b in text.split("\nrule ")[1:]] + [b for b in text.split("\n    rule ")[1:]]
-    assert len(blocks) >= 9
-    for block in blocks:
-        name = block.split(":")[0]
-        assert "log:" in block, name
-        shell = block.split("shell:")[1]
-        assert "pixelgen" in shell or "{params.launcher}" in shell, name  # launcher: pixelgen, or torchrun of it
-        assert "conda:" in block and "ENV" in block.split("conda:")[1], name  # workflow/envs/pixelgen.yaml
-        if name in ("train", "sample_part", "score", "ref_stats"):
-            assert "benchmark:" in block, name
-
-
-def test_the_rule_environment_installs_this_project():
-    # `--software-deployment-method conda` builds workflow/envs/pixelgen.yaml; conda runs its pip section from
-    # the file's folder, so `-e ../..` must be this project (conda itself is not installable here to run it)
-    env = yaml.safe_load((REPO / "workflow/envs/pixelgen.yaml").read_text())
-    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    target = (REPO / "workflow/envs" / pip[0].split()[-1]).resolve()
-    assert pip[0].startswith("-e ") and target == REPO.resolve()
-    assert 'name = "pixelgen"' in (target / "pyproject.toml").read_text()
-    assert any(str(d).startswith("python=3.11") for d in env["dependencies"])
 
 
 def test_local_run_produces_the_results(local_run):
@@ -481,133 +309,8 @@ def test_slurm_profile_runs_the_dag_under_slurm(local_run, tmp_path):
     assert tree(root / "results/ci") == tree(local_run / "results/ci")
 
 
-def test_dvc_repro_runs_the_demo_and_leaves_status_clean(tmp_path):
-    root = project_copy(tmp_path / "dvc-run")
-    env = {**ENV, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-
-    def dvc(*args, check=True):
-        result = subprocess.run([str(BIN / "dvc"), *args], cwd=root, capture_output=True, text=True, env=env,
-                                timeout=1800)
-        assert not check or result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        return result
-
-    # the demo as committed, made tiny: the same stages, with fewer steps and samples
-    pg = yaml.safe_load((root / "config/pixelgen/demo.yaml").read_text())
-    pg["train"].update(steps=2, ckpt_every=2, log_every=1, preview_count=4, preview_steps=2)
-    pg["sampling"]["steps"] = 2
-    (root / "config/pixelgen/demo.yaml").write_text(yaml.safe_dump(pg))
-    cfg = yaml.safe_load((root / "config/demo.yaml").read_text())
-    cfg["sample"].update(num=20)
-    cfg["ref_max"] = 40
-    (root / "config/demo.yaml").write_text(yaml.safe_dump(cfg))
-    subprocess.run(["git", "commit", "-qam", "tiny"], cwd=root, check=True, env=env)
-    # data/ is data.dvc's output: the demo set is generated (byte-identical), as a lab would `dvc pull` theirs
-    subprocess.run([str(BIN / "pixelgen"), "demo-data", "data/demo", "--quiet"], cwd=root, check=True, env=env)
-    assert "data.dvc" not in dvc("status", "data.dvc").stdout
-    dvc("repro")
-    assert (root / "results/demo/table.md").exists()
-    assert "up to date" in dvc("status").stdout
-    # the stages behind `dvc dag`: data.dvc feeds the first one
-    assert "data.dvc" in dvc("dag", "--md").stdout
-
-    metrics = json.loads(dvc("metrics", "show", "--json").stdout)
-    summary = next(iter(metrics.values()))["data"]["results/demo/summary.json"]["data"]
-    for variant in ("baseline", "pixelgen"):
-        assert summary[variant]["fid"] > 0 and 0 <= summary[variant]["recall"] <= 1
-        assert summary[variant]["samples"] == 20
-    shown = json.loads(dvc("plots", "show", "--json").stdout)
-    assert not shown.get("errors"), shown["errors"]
-    plots = shown["data"]
-    assert {"loss", "fm", "perceptual", "fid_recall", "results/demo/loss_curves.png",
-            "results/demo/samples/pixelgen.png"} <= set(plots), list(plots)
-    losses = [row for item in plots["loss"] for row in item["content"]["data"]["values"]]
-    assert {int(row["step"]) for row in losses} == {1, 2}
-    assert {row["filename"] for row in losses} == {"loss_baseline.csv", "loss_pixelgen.csv"}
-    dvc("plots", "show", "-o", "dvc_plots")
-    html = (root / "dvc_plots/index.html").read_text()
-    assert "loss_curves.png" in html or "loss_curves" in html
-
-    def would_run():
-        # the stages whose own deps or params changed (a real run then reruns the stages downstream of them,
-        # whose deps, the upstream outputs, change in turn)
-        out = dvc("repro", "--dry").stdout
-        return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-
-    # a change reruns exactly what it affects: sampling settings do not retrain, training settings do
-    pg["sampling"]["steps"] = 3
-    (root / "config/pixelgen/demo.yaml").write_text(yaml.safe_dump(pg))
-    assert would_run() == {"sample@baseline", "sample@pixelgen"}
-    subprocess.run(["git", "checkout", "config/pixelgen/demo.yaml"], cwd=root, check=True)
-    pg["sampling"]["steps"] = 2
-    pg["train"]["steps"] = 3
-    (root / "config/pixelgen/demo.yaml").write_text(yaml.safe_dump(pg))
-    assert would_run() == {"train@baseline", "train@pixelgen"}
-    subprocess.run(["git", "checkout", "config/pixelgen/demo.yaml"], cwd=root, check=True)
-    # one variant's overrides: that variant only (and the report, which reads the grid's titles and paper numbers)
-    grid = yaml.safe_load((root / "config/grids/demo.yaml").read_text())
-    grid["variants"]["baseline"]["set"].append("loss.gate=0.5")
-    (root / "config/grids/demo.yaml").write_text(yaml.safe_dump(grid))
-    assert would_run() == {"train@baseline", "report"}
-    subprocess.run(["git", "checkout", "config/grids/demo.yaml"], cwd=root, check=True)
-    assert "up to date" in dvc("status").stdout
-
-    # the workflow's MLflow parent run ends with the report attached
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'results/mlflow.db'}")
-    parent = client.get_run((root / "work/mlflow/demo.parent").read_text().strip())
-    assert parent.info.status == "FINISHED"
-    assert "report/table.md" in {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
-
-
 def test_snakemake_html_report(local_run):
     result = snakemake(local_run, "--report", "results/ci/report.html", "--configfile", "config/test.yaml")
     assert result.returncode == 0, result.stderr[-2000:]
     html = (local_run / "results/ci/report.html").read_text(errors="ignore")
     assert len(html) > 100_000 and "table.md" in html and "loss_curves.png" in html
-
-
-def test_official_config_imports_samples_and_scores_against_the_reference_batch(tmp_path):
-    """config/official.yaml end to end, on tiny random stand-ins for the releases and the ADM reference batch."""
-    import numpy as np
-    import torch
-
-    from pixelgen.model import SIZES, JiT
-    from pixelgen.official import release_format
-
-    root = project_copy(tmp_path / "p")
-    weights = tmp_path / "weights"
-    weights.mkdir()
-    for name in ("PixelGen_XL_80ep.ckpt", "PixelGen_XL_160ep.ckpt"):
-        torch.save(release_format(JiT(SIZES["tiny"])), weights / name)
-    rng = np.random.default_rng(0)
-    np.savez(weights / "VIRTUAL_imagenet256_labeled.npz", arr_0=rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8),
-             mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
-    config = yaml.safe_load((root / "config/official.yaml").read_text())
-    config.update(sample={"num": 20, "parts": 2, "batch_size": 10}, pixelgen_overrides=["sampling.steps=3"],
-                  allow_random_weights=True, dataset={**config["dataset"], "resolution": 32},
-                  resources={k: {"cpus": 1, "mem_mb": 2000, "runtime": 10} for k in ("train", "sample", "other")})
-    (root / "config/official-test.yaml").write_text(yaml.safe_dump(config))
-    env = {**ENV, "PIXELGEN_WEIGHTS": str(weights), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([str(BIN / "snakemake"), "--cores", "2", "all", "--configfile",
-                             "config/official-test.yaml"], cwd=root, capture_output=True, text=True, env=env,
-                            timeout=1800)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    log = result.stdout + result.stderr
-    assert "import_official" in log and "rule train" not in log and "ref_stats" not in log and "shard" not in log
-    results = root / "results/imagenet256-official"
-    for variant in ("xl_80ep", "xl_160ep"):
-        metrics = json.loads((results / f"metrics/{variant}.json").read_text())
-        assert metrics["reference_kind"] == "ADM reference batch" and metrics["num_samples"] == 20
-        assert metrics["comparable"] is False  # stand-ins: labelled, never mistaken for the paper's numbers
-        assert metrics["sampling"]["sampler"] == "heun"
-    assert json.loads((results / "metrics/xl_160ep.json").read_text())["sampling"]["guidance"] == 2.25
-    table = (results / "table.md").read_text()
-    assert "5.11" in table and "1.83" in table
-    # no training run to attach them to: each imported variant's metrics are an evaluation run of their own
-    runs = runs_by_name(mlflow_client(root), "imagenet256-official")
-    for variant in ("xl_80ep", "xl_160ep"):
-        fid = json.loads((results / f"metrics/{variant}.json").read_text())["fid"]
-        tags = runs[variant].data.tags
-        assert tags["kind"] == "eval" and tags["train_run_id"] == "none"
-        assert runs[variant].data.metrics["eval/fid"] == pytest.approx(fid)
