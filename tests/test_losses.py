@@ -188,7 +188,7 @@ def test_adaptive_perceptual_weight_follows_the_gradient_ratio_from_its_start_st
     eps = torch.randn(x.shape, generator=gen)
     z = flow.interpolate(x, eps, t)
     x_hat, _ = model(z, t, y)
-    fm = flow.velocity_loss(flow.x_to_v(x_hat, z, t, 0.05), flow.velocity_target(x, eps)).mean()
+    fm = flow.velocity_loss(flow.x_to_v(x_hat, z, t, 0.05), flow.velocity_target(x, z, t, 0.05)).mean()
     _, lp, pd = criterion.perceptual(x_hat, x, t)
     percept = 0.1 * lp.mean() + 0.01 * pd.mean()
     g_fm = torch.autograd.grad(fm, last, retain_graph=True)[0]

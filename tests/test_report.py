@@ -26,9 +26,11 @@ def test_table_gives_each_variant_its_sampler_and_model_evaluations(tmp_path):
     for name, sampling in rows.items():
         (tmp_path / f"{name}.json").write_text(json.dumps({"fid": 3.0, "num_samples": 8, "weights": "random",
                                                            "sampling": sampling}))
-    table = results_table({"variants": {**{n: {} for n in rows}, "unscored": {}}}, tmp_path).set_index("variant")
+    # written before the sampling settings were recorded (an unscored variant is an error: test_faults_report_eval)
+    (tmp_path / "unrecorded.json").write_text(json.dumps({"fid": 3.0, "weights": "random"}))
+    table = results_table({"variants": {**{n: {} for n in rows}, "unrecorded": {}}}, tmp_path).set_index("variant")
     assert table.loc["heun_nfe9", "NFE"] == 9 and table.loc["old_heun", "NFE"] == 99
-    assert table.loc["dpm", "sampler"] == "dpm++2m" and pd.isna(table.loc["unscored", "sampler"])
+    assert table.loc["dpm", "sampler"] == "dpm++2m" and pd.isna(table.loc["unrecorded", "sampler"])
     markdown = to_markdown(table.reset_index(), "t")
     assert "| sampler | NFE | samples |" in markdown and "| heun | 99 | 8 |" in markdown
-    assert markdown.splitlines()[-1].endswith("|  |  |  |") and "nan" not in markdown  # unscored: empty cells
+    assert markdown.splitlines()[-1].endswith("|  |  |  |") and "nan" not in markdown  # unrecorded: empty cells

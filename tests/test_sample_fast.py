@@ -177,7 +177,7 @@ def test_folders_recorded_before_these_settings_count_as_cpu_fp32_eager(tmp_path
 
 def test_a_bad_precision_is_one_line(tmp_path):
     _, export = write_checkpoints(tmp_path)
-    with pytest.raises(PixelgenError, match="precision must be one of fp32, bf16"):
+    with pytest.raises(PixelgenError, match="precision' must be one of fp32, bf16"):
         run(export, tmp_path / "s", overrides=("sampling.precision=fp16",))
 
 

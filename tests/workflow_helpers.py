@@ -33,7 +33,7 @@ def _stand_in_final_ema(root: Path) -> None:
 def project_copy(dest: Path) -> Path:
     """The files a fresh clone has (no work/, results/, .snakemake/), as a git repo for DVC."""
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ["config", "workflow", "src", "pyproject.toml", "data.dvc", "dvc.yaml", ".dvcignore", "README.md"]:
+    for name in ["config", "workflow", "src", "pyproject.toml", "dvc.yaml", ".dvcignore", "README.md"]:
         source = REPO / name
         if source.is_dir():
             shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))

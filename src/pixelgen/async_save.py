@@ -13,11 +13,13 @@ from __future__ import annotations
 import copy
 import threading
 from collections import OrderedDict
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Iterable
 
 import torch
 
 from .errors import PixelgenError
+from .files import what_survived
 
 
 def snapshot(obj: Any) -> Any:
@@ -40,10 +42,13 @@ class AsyncWriter:
     def __init__(self):
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._targets: tuple[Path, ...] = ()
 
-    def submit(self, write: Callable[[], None]) -> None:
-        """Wait for the previous write (raising its error), then run `write()` in the background."""
+    def submit(self, write: Callable[[], None], targets: Iterable[Path] = ()) -> None:
+        """Wait for the previous write (raising its error), then run `write()` in the background; `targets`, the
+        files it writes, let a failure say what is left of them."""
         self.wait()
+        self._targets = tuple(Path(t) for t in targets)
         # not a daemon: should the job end without wait() (a bug), the interpreter still finishes the write
         self._thread = threading.Thread(target=self._run, args=(write,), name="pixelgen-checkpoint-writer")
         self._thread.start()
@@ -62,9 +67,11 @@ class AsyncWriter:
         error, self._error = self._error, None
         if isinstance(error, PixelgenError):  # a full disk: one line naming the file, from files.atomic_open
             raise error
-        if error is not None:
+        if error is not None:  # the targets were written atomically: each is its old self or absent
+            kept = "; ".join(what_survived(t) for t in self._targets) or "no earlier file was changed"
+            reason = (str(error).strip().splitlines() or [""])[0][:200]
             raise PixelgenError(f"writing a checkpoint failed in the background ({type(error).__name__}: "
-                                f"{error}); the previous file of that name is intact") from error
+                                f"{reason}); {kept}") from error
 
     @property
     def busy(self) -> bool:

@@ -162,8 +162,11 @@ def run_train(args) -> int:
 
 # --- pixelgen sample -----------------------------------------------------------------------------
 def add_sample(sub) -> None:
+    from .config import SAMPLERS  # a light module: names only
+
+    # argparse %-formats help= strings but prints a description as written: a single % here
     sp = sub.add_parser("sample", help="class-balanced EMA samples from a checkpoint, as PNG shards (resumable)",
-                        description="Sample --num class-balanced images (image i has class i %% C and noise "
+                        description="Sample --num class-balanced images (image i has class i % C and noise "
                                     "seeded by i) with the checkpoint's EMA weights. Settings: the checkpoint's "
                                     "sampling section, then --config's, then --set sampling.*, then the explicit "
                                     "flags. Resumable; split across jobs with --part; multi-GPU under torchrun. "
@@ -173,12 +176,13 @@ def add_sample(sub) -> None:
     sp.add_argument("--num", type=positive_int, required=True, help="number of images (50000 for the ImageNet evaluation)")
     sp.add_argument("--out", required=True, help="output folder (samples-*.tar, samples.json)")
     add_sampling_section_args(sp, "the checkpoint's")
-    sp.add_argument("--sampler", choices=["euler", "heun", "dpm++2m", "exp-ab2"],
+    sp.add_argument("--sampler", choices=SAMPLERS,
                     help="ODE solver (default: from the checkpoint config)")
     sp.add_argument("--steps", type=positive_int, help="solver steps (Heun-50 = 99 evaluations)")
     sp.add_argument("--guidance", type=float, help="guidance scale (1.0 = no unconditional pass)")
-    sp.add_argument("--interval", type=float, nargs=2, metavar=("LO", "HI"), help="guidance only for LO < t <= HI")
-    sp.add_argument("--shift", type=float, help="time shift of the sampling grid")
+    sp.add_argument("--interval", type=float, nargs=2, metavar=("LO", "HI"),
+                    help="guidance only for LO < t <= HI (0 <= LO < HI <= 1)")
+    sp.add_argument("--shift", type=float, help="time shift of the sampling grid (> 0)")
     sp.add_argument("--precision", choices=["fp32", "bf16"],
                     help="denoiser precision: fp32, or bf16 (bf16 matmul weights under autocast, as the official "
                          "bf16-mixed sampler; the ODE state stays fp32) (default: sampling.precision)")
@@ -425,7 +429,8 @@ def run_weights(args) -> int:
 # --- pixelgen config -----------------------------------------------------------------------------
 def add_config(sub) -> None:
     c = sub.add_parser("config", help="print the resolved config (defaults + --config + --set), validated",
-                       description="Resolve and validate a config exactly as the jobs do, and print it as YAML.")
+                       description="Resolve and validate a config (keys, types and value ranges) exactly as the jobs "
+                                   "do, and print it as YAML.")
     add_config_args(c)
     c.set_defaults(func=run_config)
 

@@ -1,7 +1,8 @@
 """Configuration as data: the packaged base YAML is both the defaults and the schema.
 
 A job's config = base.yaml, then the user's `--config FILE` merged over it, then each `--set key.sub=value`.
-Unknown keys and values of the wrong type raise ConfigError naming the key, before any work starts.
+Unknown keys, values of the wrong type and values out of range (ALLOWED, below) raise ConfigError naming the key,
+before any work starts.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import math
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import yaml
 
@@ -32,10 +33,38 @@ NULLABLE_TYPES: dict[str, type | tuple[type, ...]] = {
 }
 
 
+class RepeatedKeyError(yaml.constructor.ConstructorError):
+    """A mapping that sets a key twice (`problem` names the key and both lines)."""
+
+
 class ConfigLoader(yaml.SafeLoader):
     """YAML as people write numbers: PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent,
     so `1e-4`, `1E-4` or `3e-4` would be read as text and refused. Here every float spelling Python reads
-    (`1e-4`, `3.e-4`, `.5`, `1_000.0`, `.inf`, `.nan`) is a float; all other YAML rules are PyYAML's."""
+    (`1e-4`, `3.e-4`, `.5`, `1_000.0`, `.inf`, `.nan`) is a float. A key set twice in one mapping (a copy-pasted
+    variant, two `loss:` sections) is refused: PyYAML would keep the last silently. All other rules are PyYAML's."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            self._refuse_repeated_keys(node)
+        return super().construct_mapping(node, deep=deep)
+
+    def _refuse_repeated_keys(self, node: yaml.MappingNode) -> None:
+        # the mapping's own keys, before `<<` merges are flattened in: a key after `<<: *anchor` overrides the
+        # anchor's on purpose
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line
+            try:
+                repeated = key in first_line
+            except TypeError:  # an unhashable key: PyYAML refuses it itself
+                continue
+            if repeated:
+                raise RepeatedKeyError(None, None, f"key {key!r} at line {line + 1} repeats the one at line "
+                                       f"{first_line[key] + 1}: keep one (YAML would silently use the last)",
+                                       key_node.start_mark)
+            first_line[key] = line
 
 
 FLOAT_TAG = "tag:yaml.org,2002:float"
@@ -139,6 +168,99 @@ def merge(base: dict, override: dict, prefix: str = "") -> dict:
     return out
 
 
+# --- allowed values ----------------------------------------------------------------------------------------
+# The types come from base.yaml; what a job can use of each type is here, in one table that every way a config is
+# assembled goes through (check_ranges: load_config, section_over, apply_overrides, the sample job's flags), so
+# the jobs, `pixelgen config` and the workflow's up-front check refuse the same values. Solver and gate names
+# live here too (solvers.py and gating.py take them from here) so checking a config needs no torch.
+SAMPLERS = ("euler", "heun", "dpm++2m", "exp-ab2")
+GUIDANCE_SCHEDULES = ("interval", "linear", "cosine")
+GATE_SCHEDULES = ("step", "sigmoid", "linear", "power", "learned")
+
+
+class Allowed(NamedTuple):
+    ok: Callable[[Any], bool]
+    text: str  # the allowed values in words: "must be {text}"
+
+
+def _at_least(low: float) -> Allowed:
+    return Allowed(lambda v: v >= low, f">= {low}")
+
+
+def _above(low: float) -> Allowed:
+    return Allowed(lambda v: v > low, f"> {low}")
+
+
+def _within(low: float, high: float, *, high_open: bool = False, why: str = "") -> Allowed:
+    if high_open:
+        return Allowed(lambda v: low <= v < high, f"in [{low}, {high}){why}")
+    return Allowed(lambda v: low <= v <= high, f"in [{low}, {high}]{why}")
+
+
+def _one_of(*names: str) -> Allowed:
+    return Allowed(lambda v: v in names, f"one of {', '.join(names)}")
+
+
+def _ordered_times() -> Allowed:
+    return Allowed(lambda v: 0 <= v[0] < v[1] <= 1, "two times [lo, hi] with 0 <= lo < hi <= 1")
+
+
+ALLOWED: dict[str, Allowed] = {
+    "model.image_size": _at_least(1), "model.patch_size": _at_least(1), "model.num_classes": _at_least(1),
+    "model.proj_dropout": _within(0, 1, high_open=True),
+    "flow.P_std": _above(0), "flow.t_eps": _within(0, 1, high_open=True), "flow.noise_scale": _above(0),
+    "flow.train_shift": _above(0),
+    "loss.repa_weight": _at_least(0), "loss.repa_block": _at_least(1), "loss.repa_hidden": _at_least(1),
+    "loss.lpips_weight": _at_least(0), "loss.pdino_weight": _at_least(0), "loss.pdino_layer": _at_least(1),
+    "loss.gate": _within(0, 1),  # a time; step and power need < 1 (GATE_ALLOWED)
+    "loss.gate_schedule": _one_of(*GATE_SCHEDULES), "loss.gate_width": _above(0),
+    "loss.gate_start": _within(0, 1), "loss.gate_end": _within(0, 1), "loss.gate_power": _above(0),
+    "loss.learned_weight_bins": _at_least(1), "loss.perceptual_reduction": _one_of("gated_mean", "batch_mean"),
+    "loss.adaptive_weight_start": _at_least(0), "loss.adaptive_weight_every": _at_least(1),
+    "encoders.dino_input_size": _at_least(1), "encoders.dino_pos_interp": _one_of("official", "timm"),
+    "sampling.sampler": _one_of(*SAMPLERS), "sampling.steps": _at_least(1), "sampling.guidance": _at_least(0),
+    "sampling.interval": _ordered_times(), "sampling.corrector_interval_at": _one_of("t_cur", "t_next"),
+    "sampling.shift": _above(0), "sampling.precision": _one_of("fp32", "bf16"),
+    "sampling.noise_device": _one_of("cpu", "cuda"), "sampling.guidance_schedule": _one_of(*GUIDANCE_SCHEDULES),
+    "data.batch_size": _at_least(1), "data.workers": _at_least(0), "data.shuffle_buffer": _at_least(0),
+    "train.steps": _at_least(1), "train.lr": _at_least(0), "train.weight_decay": _at_least(0),
+    "train.betas": Allowed(lambda v: all(0 <= b < 1 for b in v), "two values in [0, 1)"),
+    "train.grad_clip": _at_least(0),  # 0: no clipping
+    "train.class_dropout": _within(0, 1), "train.ema_decay": _within(0, 1, high_open=True),
+    "train.device": _one_of("auto", "cpu", "cuda"), "train.precision": _one_of("auto", "bf16", "fp32"),
+    "train.ddp_bucket_mb": _above(0), "train.ckpt_every": _at_least(1), "train.log_every": _at_least(1),
+    "train.preview_every": _at_least(0),  # 0: a preview at the end only
+    "train.preview_count": _at_least(0),  # 0: no previews
+    "train.preview_steps": _at_least(1),
+}
+# the step gate weighs [t >= gate] and the power gate divides by 1 - gate: at 1 neither ever runs the perceptual losses
+GATE_ALLOWED = {name: _within(0, 1, high_open=True, why=f" for the {name} gate (at 1 the perceptual losses never run)")
+                for name in ("step", "power")}
+
+
+def _allowed(key: str, section: dict) -> Allowed | None:
+    if key == "loss.gate":
+        return GATE_ALLOWED.get(section.get("gate_schedule"), ALLOWED[key])
+    return ALLOWED.get(key)
+
+
+def check_ranges(config: dict) -> dict:
+    """`config` (whole, or some of its sections) as it is, if every value with a limit is within it; else a
+    one-line ConfigError naming the key, the value and what is allowed."""
+    for section, values in config.items():
+        if not isinstance(values, dict):
+            continue
+        for key, value in values.items():
+            allowed = _allowed(f"{section}.{key}", values)
+            if allowed is not None and value is not None and not allowed.ok(value):
+                raise ConfigError(f"config key '{section}.{key}' must be {allowed.text}, got {value!r}")
+        if section == "loss" and values.get("gate_schedule") == "linear" \
+                and not values["gate_start"] < values["gate_end"]:
+            raise ConfigError(f"config key 'loss.gate_start' must be below loss.gate_end for the linear gate, got "
+                              f"{values['gate_start']!r} and {values['gate_end']!r}")
+    return config
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """'loss.gate=0.6' -> (['loss', 'gate'], 0.6); the value is parsed as YAML, so 'null', '[0.1, 0.9]' work."""
     if "=" not in item:
@@ -155,14 +277,15 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:
-    """Apply `--set key.sub=value` items, validated like a config file."""
+    """Apply `--set key.sub=value` items, validated like a config file, then range-check the result (whole or
+    a section: load_config and section_over end here, so each refuses what the other does)."""
     for item in overrides:
         path, value = parse_override(item)
         nested: Any = value
         for part in reversed(path):
             nested = {part: nested}
         config = merge(config, nested)
-    return config
+    return check_ranges(config)
 
 
 def read_config_file(path: str | Path) -> dict:
@@ -171,6 +294,8 @@ def read_config_file(path: str | Path) -> dict:
         raise ConfigError(f"config file not found: {path} (pass an existing YAML file to --config)")
     try:
         return parse_yaml(path.read_text()) or {}
+    except RepeatedKeyError as err:
+        raise ConfigError(f"config file {path}: {err.problem}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -243,6 +368,8 @@ GRID_KEYS = ("title", "variants")
 VARIANT_KEYS = ("description", "set", "sample", "import", "paper")
 VARIANT_SAMPLE_KEYS = ("num", "batch_size")  # how many samples, not how: sampler settings are `set: sampling.*`
 PAPER_KEYS = ("fid", "sfid", "is", "prec", "rec")  # report.COLUMNS' labels, lower-cased
+# a variant's name names its folders (runs, samples, report links): a plain folder name, never `.`, `..` or hidden
+VARIANT_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
 
 
 def _unknown(what: str, keys: Iterable[str], known: Iterable[str]) -> None:
@@ -258,12 +385,17 @@ def load_grid(path: str | Path) -> dict:
         raise PixelgenError(f"grid file not found: {path}")
     try:
         grid = parse_yaml(path.read_text())
+    except RepeatedKeyError as err:
+        raise PixelgenError(f"grid file {path}: {err.problem}") from None
     except yaml.YAMLError:
         raise PixelgenError(f"grid file {path} is not valid YAML") from None
     if not isinstance(grid, dict) or not isinstance(grid.get("variants"), dict) or not grid["variants"]:
         raise PixelgenError(f"{path} must have a 'variants' mapping (name -> overrides)")
     _unknown(str(path), grid, GRID_KEYS)
     for name, variant in grid["variants"].items():
+        if not isinstance(name, str) or not VARIANT_NAME.match(name):
+            raise PixelgenError(f"{path}: variant name {str(name)!r} must be letters, digits, _, . and - and not "
+                                f"start with a dot (it names the variant's folders); rename it")
         variant = {} if variant is None else variant
         where = f"{path}, variant '{name}'"
         if not isinstance(variant, dict):

@@ -43,14 +43,30 @@ def atomic_open(path: Path | str) -> Iterator[IO[bytes]]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as err:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
-        if err.errno == errno.ENOSPC:
-            raise no_space_left(path, f"the previous {path.name}, if any, is intact") from None
+        if disk_full(err):
+            raise no_space_left(path, what_survived(path)) from None
         raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+
+def disk_full(err: BaseException) -> bool:
+    """Whether `err` is, or was raised while handling, a full disk: torch.save's zip writer turns a failed write
+    after the first into RuntimeError("... unexpected pos N vs M"), keeping the OSError only as its context."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def what_survived(path: Path) -> str:
+    """What an atomic write that failed left at `path`: the file that was there (never touched), or nothing."""
+    if path.exists():
+        return f"the previous {path.name} is intact"
+    return f"no {path.name} was written, and none existed before"
 
 
 def no_space_left(path: Path | str, kept: str):
@@ -58,6 +74,44 @@ def no_space_left(path: Path | str, kept: str):
     from .errors import PixelgenError
 
     return PixelgenError(f"no space left on device writing {path}; free space and rerun ({kept})")
+
+
+def check_writable_folder(folder: Path | str, flag: str) -> None:
+    """Refuse, in one line before any work, a folder (named by `flag`) that a job cannot create or write in: one
+    that is a file, lies under a file, or whose nearest existing folder denies writing."""
+    problem = _folder_problem(Path(folder))
+    if problem:
+        raise _unwritable(f"{flag} {folder} {problem}; choose another {flag}")
+
+
+def check_writable_file(path: Path | str, flag: str) -> None:
+    """The same for an output file (written atomically at the end: a temp file beside it, renamed over it): a
+    folder of that name, or a folder it cannot be written in, is refused at the start."""
+    path = Path(path)
+    problem = "is a folder, not a file" if path.is_dir() else _folder_problem(path.parent)
+    if problem:
+        where = "" if path.is_dir() else f": its folder {path.parent}"
+        raise _unwritable(f"{flag} {path}{where} {problem}; choose another {flag}")
+
+
+def _folder_problem(folder: Path) -> str | None:
+    """Why files cannot be written in `folder` (created if missing), or None. Permissions are asked with
+    os.access, which also knows read-only mounts (root, whom mode bits do not stop, passes it)."""
+    folder = folder.absolute()
+    existing = folder
+    while not (existing.exists() or existing.is_symlink()) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return "is a file, not a folder" if existing == folder else f"lies under {existing}, a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"is not writable: cannot write in {existing} (permission denied or a read-only file system)"
+    return None
+
+
+def _unwritable(message: str):
+    from .errors import PixelgenError
+
+    return PixelgenError(message)
 
 
 def append_text(path: Path | str, text: str) -> None:

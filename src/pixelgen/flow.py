@@ -3,6 +3,7 @@
     z_t = t * x + (1 - t) * eps          eps ~ N(0, noise_scale^2)
     v   = x - eps                        (dz_t/dt)
     v_hat = (x_hat - z_t) / max(1 - t, t_eps)
+    target = (x - z_t) / max(1 - t, t_eps)   (the official trainer's: v up to rounding where 1 - t >= t_eps)
 """
 
 from __future__ import annotations
@@ -20,8 +21,12 @@ def interpolate(x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Te
     return t * x + (1 - t) * eps
 
 
-def velocity_target(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    return x - eps
+def velocity_target(x: torch.Tensor, z: torch.Tensor, t: torch.Tensor, t_eps: float) -> torch.Tensor:
+    """The flow-matching target as the official trainer computes it: the velocity the clean image implies,
+    through the same clamp as the prediction's. Where 1 - t >= t_eps it is x - eps up to rounding; above
+    1 - t_eps it is (1 - t) / t_eps * (x - eps), so an exact x_hat has zero loss at every t (with x - eps as the
+    target, x_hat = x would be penalised there)."""
+    return x_to_v(x, z, t, t_eps)
 
 
 def x_to_v(x_hat: torch.Tensor, z: torch.Tensor, t: torch.Tensor, t_eps: float) -> torch.Tensor:

@@ -22,27 +22,16 @@ import math
 import torch
 from torch import nn
 
+from .config import GATE_SCHEDULES as SCHEDULES
+from .config import check_ranges
 from .errors import ConfigError
 
-SCHEDULES = ("step", "sigmoid", "linear", "power", "learned")
 _SIGMOID_REACH = 3.0  # the sigmoid ramp spans gate +- 3 widths: logistic(+-3) = 0.047 / 0.953 before rescaling
 
 
 def check_schedule(cfg: dict) -> None:
-    """One-line errors for a `loss:` section whose gate settings cannot work."""
-    name = cfg["gate_schedule"]
-    if name not in SCHEDULES:
-        raise ConfigError(f"loss.gate_schedule must be one of {', '.join(SCHEDULES)}, got {name!r}")
-    if name == "sigmoid" and not cfg["gate_width"] > 0:
-        raise ConfigError(f"loss.gate_width must be > 0 for the sigmoid gate, got {cfg['gate_width']}")
-    if name == "linear" and not 0 <= cfg["gate_start"] < cfg["gate_end"] <= 1:
-        raise ConfigError("the linear gate needs 0 <= loss.gate_start < loss.gate_end <= 1, got "
-                          f"{cfg['gate_start']} and {cfg['gate_end']}")
-    if name == "power" and not (cfg["gate_power"] > 0 and 0 <= cfg["gate"] < 1):
-        raise ConfigError(f"the power gate needs loss.gate_power > 0 and 0 <= loss.gate < 1, got "
-                          f"{cfg['gate_power']} and {cfg['gate']}")
-    if name == "learned" and cfg["learned_weight_bins"] < 1:
-        raise ConfigError(f"loss.learned_weight_bins must be >= 1, got {cfg['learned_weight_bins']}")
+    """One-line errors for a `loss:` section whose gate settings cannot work (the config's own range checks)."""
+    check_ranges({"loss": cfg})
 
 
 def gate_weights(t: torch.Tensor, cfg: dict) -> torch.Tensor:

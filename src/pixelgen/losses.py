@@ -302,7 +302,7 @@ class PixelGenLoss(nn.Module):
         eps = torch.randn(x.shape, device=x.device, generator=generator, dtype=x.dtype) * fc["noise_scale"]
         z = flow.interpolate(x, eps, t)
         x_hat, projected = model(z, t, y)
-        fm = flow.velocity_loss(flow.x_to_v(x_hat, z, t, fc["t_eps"]), flow.velocity_target(x, eps))
+        fm = flow.velocity_loss(flow.x_to_v(x_hat, z, t, fc["t_eps"]), flow.velocity_target(x, z, t, fc["t_eps"]))
 
         clean = {}
         if projected is not None:  # REPA's target: clean features of the whole batch, reused by P-DINO

@@ -323,7 +323,10 @@ class JiT(nn.Module):
         With `feature_block=k`, also return the image tokens after the first k blocks (B, N, width), for REPA.
         """
         c = self.t_embed(t) + self.y_embed(y)
-        h = self.x_embed(x) + self.pos_embed.to(x.dtype)
+        h = self.x_embed(x)
+        # As the official `x += self.pos_embed`: the sum in fp32, rounded once to the embedding's dtype, so under
+        # bf16 autocast the stream stays bf16 until the fp32 class tokens join (the cat below promotes it)
+        h = (h + self.pos_embed).to(h.dtype)
         n_ctx = self.cfg.in_context_len
         features = None
         for i, block in enumerate(self.blocks):
@@ -331,7 +334,7 @@ class JiT(nn.Module):
                 features = h[:, n_ctx:] if i > self.cfg.in_context_start else h
             if i == self.cfg.in_context_start and n_ctx > 0:
                 ctx = self.y_embed(y).unsqueeze(1) + self.in_context_pos
-                h = torch.cat([ctx.to(h.dtype), h], dim=1)
+                h = torch.cat([ctx, h], dim=1)  # promotes to the wider dtype, as the official cat does
             if i < self.cfg.in_context_start or n_ctx == 0:
                 h = block(h, c, self.rope_cos, self.rope_sin)
             else:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 from .config import load_grid
+from .errors import PixelgenError
 
 # (metrics.json key, column label, decimals); a grid's `paper:` numbers use the lower-cased label as key
 COLUMNS = [("fid", "FID", 2), ("sfid", "sFID", 2), ("inception_score", "IS", 1), ("precision", "Prec", 2),
@@ -34,11 +35,42 @@ def sampler_and_nfe(sampling: dict) -> tuple[str | None, int | None]:
     return sampling["sampler"], sampling.get("nfe_per_image", evaluations(sampling["sampler"], sampling["steps"]))
 
 
+def read_scores(path: Path) -> dict:
+    """A variant's metrics.json, or a one-line error naming it: a row is never blank or made of a file that is
+    not `pixelgen score`'s (empty, truncated by a full disk, another tool's)."""
+    fix = f"score the variant again (`pixelgen score ... --out {path}`)"
+    try:
+        scores = json.loads(path.read_text())
+    except OSError as err:  # a folder under the name, no permission
+        raise PixelgenError(f"cannot read the metrics file {path} ({err.strerror or err}); {fix}") from None
+    except ValueError as err:  # empty, truncated, not text (JSONDecodeError and UnicodeDecodeError alike)
+        raise PixelgenError(f"{path} is not a metrics file of `pixelgen score` (empty or not JSON: "
+                            f"{str(err)[:80]}); {fix}") from None
+    if not isinstance(scores, dict) or "fid" not in scores:
+        raise PixelgenError(f"{path} is not a metrics file of `pixelgen score` (no \"fid\" in it); {fix}")
+    return scores
+
+
+def read_all_scores(grid: dict, metrics_dir: Path) -> dict[str, dict]:
+    """{variant: metrics.json} of every variant of the grid. The workflow (Snakemake's report rule, DVC's report
+    stage) scores every variant before the report, so a missing file is an error, naming each one missing."""
+    metrics_dir = Path(metrics_dir)
+    if not metrics_dir.is_dir():
+        raise PixelgenError(f"metrics folder not found: {metrics_dir} (it holds `pixelgen score`'s "
+                            f"<variant>.json files)")
+    paths = {name: metrics_dir / f"{name}.json" for name in grid["variants"]}
+    missing = [str(path) for path in paths.values() if not path.exists()]
+    if missing:
+        raise PixelgenError(f"no metrics for {len(missing)} of the grid's {len(paths)} variants: "
+                            f"{', '.join(missing)}; score them first (`pixelgen score ... --out <that file>`)")
+    return {name: read_scores(path) for name, path in paths.items()}
+
+
 def results_table(grid: dict, metrics_dir: Path) -> pd.DataFrame:
+    scores = read_all_scores(grid, metrics_dir)
     rows = []
     for name, variant in grid["variants"].items():
-        path = Path(metrics_dir) / f"{name}.json"
-        ours = json.loads(path.read_text()) if path.exists() else {}
+        ours = scores[name]
         paper = (variant or {}).get("paper", {}) if isinstance(variant, dict) else {}
         row = {"variant": name, "description": (variant or {}).get("description", "")}
         for key, label, _ in COLUMNS:
@@ -116,7 +148,7 @@ def plot_fid_recall(table: pd.DataFrame, out: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(4.5, 3.5))
     for _, r in table.iterrows():
-        if r["FID"] is not None and not pd.isna(r["FID"]):
+        if pd.notna(r["FID"]) and pd.notna(r["Rec"]):  # pd.notna(None) is False too
             ax.scatter(r["Rec"], r["FID"])
             ax.annotate(r["variant"], (r["Rec"], r["FID"]), fontsize=8, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("recall (higher is better)")
@@ -204,8 +236,8 @@ def plot_gate_weights(grid: dict, runs_dir: Path, out: Path) -> Path:
 def build_report(grid_file: Path, metrics_dir: Path, runs_dir: Path, out: Path, title: str | None = None) -> dict:
     grid = load_grid(grid_file)
     out = Path(out)
+    table = results_table(grid, metrics_dir)  # first: a refused report writes nothing
     (out / "samples").mkdir(parents=True, exist_ok=True)
-    table = results_table(grid, metrics_dir)
     table.to_csv(out / "table.csv", index=False)
     (out / "table.md").write_text(to_markdown(table, title or grid.get("title", Path(grid_file).stem)))
     plot_losses(grid, runs_dir, out / "loss_curves.png")

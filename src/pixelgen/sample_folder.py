@@ -47,12 +47,29 @@ def write_encoded_shard(path: Path, indices: list[int], pngs: list[bytes], label
     import webdataset as wds
 
     def write(stream):
-        writer = wds.TarWriter(stream, mtime=0)  # fixed mtime: the bytes depend on the images only
-        for i, png, label in zip(indices, pngs, labels):
-            writer.write({"__key__": f"{i:07d}", "png": png, "cls": str(label).encode()})
+        sink = _CutOnFailure(stream)
+        writer = wds.TarWriter(sink, mtime=0)  # fixed mtime: the bytes depend on the images only
+        try:
+            for i, png, label in zip(indices, pngs, labels):
+                writer.write({"__key__": f"{i:07d}", "png": png, "cls": str(label).encode()})
+        except BaseException:
+            sink.cut = True
+            raise
         writer.close()
 
     write_atomic(path, write)
+
+
+class _CutOnFailure:
+    """The temp file as a tar stream sees it. A tar stream left unclosed by a failed write (a full disk) closes
+    itself when collected, writing its last blocks into the temp file that write_atomic has closed and removed
+    ("Exception ignored ... write to closed file" after the real error): once cut, writes go nowhere."""
+
+    def __init__(self, stream):
+        self.stream, self.cut = stream, False
+
+    def write(self, data) -> int:
+        return len(data) if self.cut else self.stream.write(data)
 
 
 def part_lock_folder(out: Path, part_index: int, parts: int) -> Path:

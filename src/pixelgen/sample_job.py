@@ -25,14 +25,15 @@ import torch
 
 from . import checkpoint, distributed, sample_folder
 from .locks import exclusive_folder
-from .config import section_over
+from .config import check_ranges, merge, section_over
 from .errors import PixelgenError
+from .files import check_writable_folder
 from .images import to_uint8
 from .model import build_model
 from .progress import progress as progress_bar
 from .sampling_engine import (Engine, ShardWriter, build_engine, check_noise_device, image_noise, padded,
                               tf32_allowed)
-from .solvers import check_sampling_choices, evaluations, sample
+from .solvers import evaluations, sample
 
 def labels_for(indices: list[int], num_classes: int) -> torch.Tensor:
     """Class-balanced: image i gets class i % C, so any N that is a multiple of C has N / C per class."""
@@ -73,12 +74,15 @@ def weights_digest(state: dict) -> str:
 
 def sampling_settings(state: dict, sc: dict, *, sampler, steps, guidance, interval, shift, seed, num,
                       shard_size, precision=None, compile=None) -> dict:
-    """The checkpoint's (or config's) `sampling` section `sc` under the explicit arguments."""
-    check_sampling_choices(sampler or sc["sampler"], sc.get("guidance_schedule", "interval"))
-    return {"precision": precision or sc["precision"], "compile": sc["compile"] if compile is None else compile,
-            "noise_device": sc["noise_device"], "sampler": sampler or sc["sampler"], "steps": steps or sc["steps"],
-            "guidance": sc["guidance"] if guidance is None else guidance, "interval": list(interval or sc["interval"]),
-            "shift": sc["shift"] if shift is None else shift, "seed": seed, "num": num,
+    """The checkpoint's (or config's) `sampling` section `sc` under the explicit arguments (the CLI's flags), which
+    are checked like config values: a flag cannot bring in what --set would refuse."""
+    flags = {"sampler": sampler, "steps": steps, "guidance": guidance, "shift": shift, "precision": precision,
+             "compile": compile, "interval": None if interval is None else list(interval)}
+    sc = merge({"sampling": sc}, {"sampling": {k: v for k, v in flags.items() if v is not None}})
+    sc = check_ranges(sc)["sampling"]
+    return {"precision": sc["precision"], "compile": sc["compile"], "noise_device": sc["noise_device"],
+            "sampler": sc["sampler"], "steps": sc["steps"], "guidance": sc["guidance"], "interval": sc["interval"],
+            "shift": sc["shift"], "seed": seed, "num": num,
             "shard_size": shard_size, "t_eps": state["config"]["flow"]["t_eps"],
             # the training noise scale is the sampling noise scale (official: both 1.0)
             "noise_scale": state["config"]["flow"]["noise_scale"],
@@ -124,12 +128,18 @@ def check_noise_gpu(out: Path, device: torch.device) -> None:
                             f"model, or into a new --out")
 
 
+def part_shards(settings: dict, part_index: int, parts: int, d) -> list[int]:
+    """The shards this part samples (k with k % parts == part_index), and of those this rank's."""
+    n_shards = (settings["num"] + settings["shard_size"] - 1) // settings["shard_size"]
+    return [k for k in range(n_shards) if k % parts == part_index][d.rank::d.world_size]
+
+
 def sample_part(engine: Engine, state: dict, settings: dict, identity: dict, ckpt: Path, out: Path,
                 part_index: int, parts: int, d, batch_size: int, npz: bool, progress: bool) -> dict | None:
     """Sample the missing shards of this part (and this rank); the manifest once every shard exists."""
     num, shard_size = settings["num"], settings["shard_size"]
     n_shards = (num + shard_size - 1) // shard_size
-    mine = [k for k in range(n_shards) if k % parts == part_index][d.rank::d.world_size]
+    mine = part_shards(settings, part_index, parts, d)
     done = [k for k in mine if sample_folder.shard_path(out, k).exists()]
     check_noise_device(settings["noise_device"], engine.device, sampling=len(done) < len(mine))
     if settings["noise_device"] == "cuda" and len(done) < len(mine):
@@ -174,6 +184,7 @@ def run_sampling(ckpt: Path, num: int, out: Path, *, sampler: str | None = None,
     if num < 1 or batch_size < 1 or shard_size < 1:
         raise PixelgenError("--num, --batch-size and --shard-size must be >= 1", exit_code=2)
     part_index, parts = parse_part(part)
+    check_writable_folder(out, "--out")  # before any work, as a one-line refusal
     d = distributed.init(device)
     try:
         model, state = load_ema_model(Path(ckpt))
@@ -184,7 +195,11 @@ def run_sampling(ckpt: Path, num: int, out: Path, *, sampler: str | None = None,
         engine = build_engine(model, d.device, settings["precision"], settings["compile"], compile_backend)
         out = Path(out)
         identity = {**settings, "ckpt_step": state["step"], "ckpt_digest": weights_digest(state)}
-        check_noise_device(settings["noise_device"], d.device, sampling=False)
+        # refused before the folder is touched (lock, settings.json): a refused run writes nothing there, so it
+        # cannot make the corrected run's settings look like a change
+        will_sample = not reset and any(not sample_folder.shard_path(out, k).exists()
+                                        for k in part_shards(settings, part_index, parts, d))
+        check_noise_device(settings["noise_device"], d.device, sampling=will_sample)
         if reset:
             return sample_folder.reset(out, {**identity, "ckpt": str(ckpt)}) if d.is_main else None
         # one job per part: the main process holds the part's lock (another job's main process is refused, and

@@ -27,7 +27,7 @@ import torch
 
 from . import metrics, sample_folder
 from .errors import PixelgenError
-from .files import sha256, write_atomic, write_json_atomic
+from .files import check_writable_file, sha256, write_atomic, write_json_atomic
 from .inception import build_inception, inception_outputs, network_digest
 
 MAX_PR_FEATURES = 10_000  # the ADM suite uses 10K reference images for precision/recall
@@ -61,6 +61,7 @@ def ref_stats(shard_dir: Path, out: Path, *, batch_size: int = 100, limit: int |
     from .data import ShardStream
     from .distributed import pick_device
 
+    check_writable_file(out, "--out")  # before the Inception work, not after it
     stream = ShardStream(shard_dir, 1)
     # `is not None`: --max 0 is zero images (refused below), not "no limit"
     total = min(stream.num_samples, limit) if limit is not None else stream.num_samples
@@ -331,6 +332,7 @@ def score(samples: Path, ref: Path, out: Path, *, batch_size: int = 100, weights
     process); the ADM reference batch's features are cached in `ref_cache` (default: beside `ref`).
     The metrics go to MLflow: to `eval_run` = (name, parent run id file) when given (tracking.log_eval_run),
     else to `mlflow_run_id` or the checkpoint's training run."""
+    check_writable_file(out, "--out")  # before every metric is computed, not after
     if eval_run is not None and not Path(eval_run[1]).is_file():
         raise PixelgenError(f"parent run id file not found: {eval_run[1]} (run `pixelgen track-parent` first)",
                             exit_code=2)

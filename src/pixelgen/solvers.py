@@ -14,23 +14,10 @@ from typing import Callable
 
 import torch
 
+from .config import GUIDANCE_SCHEDULES, SAMPLERS  # the names a config may choose, checked there
 from .flow import time_shift, x_to_v
 
 Model = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-SAMPLERS = ("euler", "heun", "dpm++2m", "exp-ab2")
-GUIDANCE_SCHEDULES = ("interval", "linear", "cosine")
-
-
-def check_sampling_choices(sampler: str, guidance_schedule: str) -> None:
-    """Refuse an unknown solver or schedule before anything is sampled or written (one line, naming the fix)."""
-    from .errors import ConfigError
-
-    if sampler not in SAMPLERS:
-        raise ConfigError(f"sampling.sampler: unknown solver {sampler!r} (choose one of {', '.join(SAMPLERS)})")
-    if guidance_schedule not in GUIDANCE_SCHEDULES:
-        raise ConfigError(f"sampling.guidance_schedule: unknown schedule {guidance_schedule!r} "
-                          f"(choose one of {', '.join(GUIDANCE_SCHEDULES)})")
 
 
 def time_grid(steps: int, shift: float = 1.0, device=None) -> torch.Tensor:

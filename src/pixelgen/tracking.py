@@ -243,24 +243,42 @@ def _log_scores(client, run_id: str, result: dict, metrics_file: Path) -> None:
     with_retries(client.log_artifact, run_id, str(metrics_file), "eval")
 
 
+def eval_key(result: dict) -> str:
+    """What an evaluation run holds the scores of: one sample folder, sampled from one checkpoint with one set of
+    settings. The settings are the folder's settings.json (sampler, steps, guidance, seed, --num, the weights'
+    digest, ...: all a `sample --reset` may change under the same path), or for an .npz, which records none,
+    metrics.json's `sampling`. A digest of them, so an eval run's `sampling.*` params always name its scores."""
+    import hashlib
+    import json
+
+    from . import sample_folder
+
+    samples = Path(result["samples"]).resolve()
+    recorded = samples / sample_folder.SETTINGS
+    if recorded.is_file():
+        settings = {k: v for k, v in json.loads(recorded.read_text()).items() if k not in sample_folder.NOT_COMPARED}
+    else:
+        settings = result["sampling"]
+    identity = json.dumps({"samples": str(samples), "settings": settings}, sort_keys=True)
+    return hashlib.sha256(identity.encode()).hexdigest()[:32]
+
+
 def log_eval_run(result: dict, metrics_file: Path, manifest: dict, name: str, parent_run_id: str,
                  uri: str | None = None) -> str:
     """Attach `pixelgen score`'s metrics to an evaluation run of their own: a child of the workflow's parent run,
     named `name` (the grid variant), with the sampling settings as params and a tag naming the training run
     sampled (its id, if it has one). For variants that sample a run another variant trained, or an imported
     release: logging them into the training run would make several variants' FIDs one metric's history.
-    The run is found again by its sample folder and the weights sampled (tag `eval_key`, a hex digest: no
-    quoting in the search), so rescoring the same samples logs into it, and new weights behind the same folder
-    (a retrain under the same key) get a new run instead of joining the old one's history."""
-    import hashlib
-
+    The run is found again by its `eval_key` tag (a hex digest: no quoting in the search), so rescoring the
+    same samples logs into it, and new weights or other sampling settings behind the same folder (a retrain
+    under the same key, a `sample --reset` with another sampler) get a new run instead of joining its history."""
     from mlflow.entities import Param
 
     client = client_for(tracking_uri(uri))
     reopen(client, parent_run_id)
     experiment = with_retries(client.get_run, parent_run_id).info.experiment_id
     samples = str(Path(result["samples"]).resolve())
-    key = hashlib.sha256(f"{samples}|{result['sampling'].get('ckpt_digest')}".encode()).hexdigest()[:32]
+    key = eval_key(result)
     found = with_retries(client.search_runs, [experiment], filter_string=f"tags.eval_key = '{key}'", max_results=1)
     if found:
         run_id = found[0].info.run_id

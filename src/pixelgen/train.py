@@ -35,7 +35,7 @@ from .data import StreamLoader
 from .denoiser import build_denoiser
 from .ema import EMA
 from .errors import PixelgenError
-from .files import append_text, remove_stale_temps, sha256, write_atomic
+from .files import append_text, check_writable_folder, remove_stale_temps, sha256, write_atomic
 from .images import save_grid
 from .locks import FolderBusy, exclusive_folder
 from .losses import LossOutput, PixelGenLoss
@@ -54,6 +54,12 @@ class Preempted(PixelgenError):
 
     def __init__(self, message: str):
         super().__init__(message, exit_code=143)
+        self.message = message
+
+    def __str__(self) -> str:
+        # raised by a signal handler wherever the job is, e.g. inside webdataset's tar reader, which appends the
+        # file handle and URL to the args of any exception passing through: the message is the one raised
+        return self.message
 
 
 STOP_CHECK_EVERY = 10  # steps between the DDP ranks' agreement on a SIGTERM (besides log and checkpoint steps)
@@ -77,6 +83,19 @@ def refuse_other_config(saved: dict, config: dict, files: "RunFiles", ckpt: Path
         raise PixelgenError(f"{files.run_dir} was started with another config ({', '.join(changed[:5])} differ); "
                             f"use the same config to resume, or a new --run-dir (with --init-from {ckpt} to "
                             f"start from its weights)")
+
+
+def refuse_fewer_steps(saved: dict, config: dict, files: "RunFiles", ckpt: Path) -> None:
+    """train.steps may be raised (the run continues from its last state) but not set below a saved step: the run
+    would end, or say it is done, with the weights of more steps than its config says."""
+    step, steps = saved["step"], config["train"]["steps"]
+    if step <= steps:
+        return
+    was = saved["config"]["train"]["steps"]
+    state = f"finished at step {step}" if ckpt == files.final else f"holds step {step} in {ckpt}"
+    raise PixelgenError(f"{files.run_dir} {state} (train.steps={was}), past the new train.steps={steps}: trained "
+                        f"steps cannot be taken back; rerun with train.steps={was} (or more, to continue), or "
+                        f"train {steps} steps in a new --run-dir")
 
 
 def init_source(path: Path | str) -> dict:
@@ -240,6 +259,7 @@ def train(config: dict, run_dir: Path, stop_at_step: int | None = None, progress
     """Run (or resume) training; returns the path of checkpoints/final.pt. `init_from`: a checkpoint whose
     weights a new run starts from (a training checkpoint, final_ema.pt, or an imported official release)."""
     files = RunFiles(Path(run_dir))
+    check_writable_folder(files.run_dir, "--run-dir")  # one line before any work, not a traceback from mkdir
     dist = distributed.init(config["train"]["device"])
     try:
         with _run_dir_lock(files, dist):
@@ -309,6 +329,7 @@ def _already_finished(config: dict, files: RunFiles, dist: distributed.Dist, ini
     saved = checkpoint.load(files.final)
     refuse_other_config(saved, config, files, files.final)  # "done" must mean done with this config
     refuse_other_init(saved, init, files, files.final)
+    refuse_fewer_steps(saved, config, files, files.final)
     if saved["step"] < config["train"]["steps"]:
         return False  # train.steps was raised: continue from last.pt
     if dist.is_main:
@@ -326,6 +347,7 @@ def _load_resumable(config: dict, files: RunFiles, init: dict | None) -> dict | 
     resume = checkpoint.load(files.last)
     refuse_other_config(resume, config, files, files.last)
     refuse_other_init(resume, init, files, files.last)
+    refuse_fewer_steps(resume, config, files, files.last)
     return resume
 
 
@@ -630,7 +652,7 @@ class Trainer:
                                 f"(fingerprints {[f[:12] for f in fingerprints]}); not saving; report this as a bug")
         state = async_save.snapshot(self.checkpoint_io.state(per_rank)) if self.dist.is_main else None
         if state is not None:
-            self.writer.submit(lambda: [checkpoint.save_atomic(state, path) for path in paths])
+            self.writer.submit(lambda: [checkpoint.save_atomic(state, path) for path in paths], targets=paths)
         distributed.barrier(self.dist)
         self.saved_step = self.step
         return state

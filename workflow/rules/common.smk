@@ -4,11 +4,13 @@
 # params (or an input file), so Snakemake's params trigger reruns exactly the rules a changed setting reaches.
 # Paths are keyed by what determines their content where a rerun could otherwise reuse stale files:
 #   shards   work/shards/<name>-<resolution>-<format>-<shard_size>/     (pixelgen shard keeps finished shards)
-#   runs     work/runs/<grid>/<owner>/<run key>/   (digest of the resolved model config, less the settings a run
+#   runs     work/runs/<grid>/<variant>/<run key>/   (digest of the resolved model config, less the settings a run
 #            may change and still resume: pixelgen.train.RESUMABLE_CHANGES, tracking.*, sampling.*). Variants
-#            whose training is the same (they differ in sampling.* or tracking.* only) share one run: its owner is
-#            the first of them in the grid (RUN_OWNER), so a sampler grid trains once and samples that model
-#            each way; a variant that trains differently is its own owner (the folder it always had).
+#            whose training is the same (they differ in sampling.* or tracking.* only) share one run, named by
+#            none of them: work/runs/<grid>/shared/<shared run key>/ (the run key's settings and train.steps; an
+#            imported release's name), so a sampler grid trains once and samples that model each way, and
+#            reordering the grid or removing a variant leaves the run where it is (SHARED, shared_run_key).
+#            work/report-runs/<grid>/<variant> links each variant to its run.
 #   samples  work/samples/<grid>/<variant>/<sample key>/   (digest of the checkpoint's config, sampling settings,
 #            number and shard size of samples: pixelgen sample keeps finished shards)
 import hashlib
@@ -23,6 +25,21 @@ from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
+
+def _refuse_repeated_keys(paths):
+    """Snakemake reads the config files with PyYAML, which keeps the last of a key written twice without a word:
+    read each again with pixelgen's loader, which refuses it naming the key and both lines."""
+    from pixelgen.config import read_config_file
+    from pixelgen.errors import PixelgenError
+
+    for path in paths:
+        try:
+            read_config_file(path)
+        except PixelgenError as err:
+            raise WorkflowError(str(err))
+
+
+_refuse_repeated_keys(workflow.configfiles)
 validate(config, "../schemas/config.schema.yaml")
 
 # Rules call `pixelgen`: make the environment that runs Snakemake (e.g. .venv/bin) first on PATH, so the
@@ -142,8 +159,13 @@ def random_flag():
 def variant_overrides(name):
     """--set items of a variant: the workflow's overrides, the variant's own, then what the DAG fixes."""
     items = list(config.get("pixelgen_overrides", [])) + list(VARIANTS[name].get("set", []))
-    items += [f"data.shards={SHARDS}", f"tracking.experiment={GRID}", f"tracking.grid={GRID}",
-              f"tracking.variant={name}"]
+    return items + dag_overrides(name)
+
+
+def dag_overrides(run_name):
+    """The --set items the DAG fixes: the shards, and the MLflow names of the run (`run_name`, its run's name)."""
+    items = [f"data.shards={SHARDS}", f"tracking.experiment={GRID}", f"tracking.grid={GRID}",
+             f"tracking.variant={run_name}"]
     if config.get("mlflow_uri"):
         items.append(f"tracking.uri={config['mlflow_uri']}")
     return items
@@ -163,11 +185,9 @@ def _resolve_variants():
             if name in IMPORTED:
                 # an imported release samples with the official settings, then the workflow's and the variant's
                 # sampling.* items (nothing else applies: nothing is trained)
-                from pixelgen.official import OFFICIAL_SAMPLING
+                from pixelgen.official import release_sampling
 
-                base = load_config()
-                base["sampling"].update(OFFICIAL_SAMPLING)
-                sampling = section_over(base, "sampling", None, sampling_items + list(variant.get("set", [])))
+                sampling = release_sampling(None, sampling_items + list(variant.get("set", [])))
                 identity = {"import": IMPORTED[name], "file": weights_file(IMPORTED[name])}
                 run_keys[name] = IMPORTED[name]
             else:
@@ -188,16 +208,45 @@ def _resolve_variants():
 RESOLVED, RUN_KEYS = _resolve_variants()
 
 
-def _run_owners():
-    """{variant: the variant whose run it samples}: the first variant in the grid with the same checkpoint identity
-    (the whole resolved training config, resumable settings included, or the same imported release), so two
-    variants never train in one folder with different settings."""
+def _shared_runs():
+    """The variants that share their run with another: the same checkpoint identity (the whole resolved training
+    config, resumable settings included, or the same imported release), so two variants never train in one
+    folder with different settings."""
+    groups = {}
+    for name in VARIANTS:
+        groups.setdefault(digest(RESOLVED[name][0]), []).append(name)
+    return {name for names in groups.values() if len(names) > 1 for name in names}
+
+
+SHARED = _shared_runs()
+
+
+def shared_run_key(name):
+    """The folder key of a run several variants share, from the run alone (never from which variants share it, or
+    their order): an imported release's name; for training, the resolved training config less the settings that
+    leave the weights alone (RESUMABLE_CHANGES but train.steps): a changed log or checkpoint interval resumes the
+    run, and runs that train for different lengths never meet."""
+    from pixelgen.train import RESUMABLE_CHANGES
+
+    if name in IMPORTED:
+        return IMPORTED[name]
+    keep = tuple(k for k in RESUMABLE_CHANGES if k != "train.steps")
+    return digest({k: v for k, v in RESOLVED[name][0].items() if not k.startswith(keep)})
+
+
+def _refuse_shared_runs_that_meet():
+    """Two shared runs with one folder key differ only in settings that leave the weights alone: one line."""
     first = {}
-    return {name: first.setdefault(digest(RESOLVED[name][0]), name) for name in VARIANTS}
+    for name in sorted(SHARED - set(IMPORTED), key=list(VARIANTS).index):
+        other = first.setdefault(shared_run_key(name), name)
+        if RESOLVED[other][0] != RESOLVED[name][0]:
+            a, b = RESOLVED[other][0], RESOLVED[name][0]
+            keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            raise WorkflowError(f"variants '{other}' and '{name}' of {GRID_FILE} train the same weights but differ "
+                                f"in {', '.join(keys)}: give them the same values, so that they share one run")
 
 
-RUN_OWNER = _run_owners()
-OWNERS = sorted(set(RUN_OWNER.values()))
+_refuse_shared_runs_that_meet()
 if TRAINED and not DATASET["generate_demo"] and not Path(RAW).exists():
     raise WorkflowError(f"raw dataset not found: {RAW} (run `dvc pull`, or link your ImageFolder there; "
                         f"see README, Data)")
@@ -221,16 +270,34 @@ def train_digest(name):
 
 
 def run_dir(name):
-    """The run a variant samples: its owner's (RUN_OWNER), trained or imported once for every variant sharing it."""
-    owner = RUN_OWNER[name]
-    return f"{RUNS}/{owner}/{RUN_KEYS[owner]}"
+    """The run a variant samples, trained or imported once: its own (RUNS/<variant>/<run key>), or where several
+    variants share it, RUNS/shared/<shared run key>, named by no variant, so that reordering the grid, removing a
+    variant or editing one variant's training leaves the others' run where it is."""
+    if name in SHARED:
+        return f"{RUNS}/shared/{shared_run_key(name)}"
+    return f"{RUNS}/{name}/{RUN_KEYS[name]}"
+
+
+# {run dir: a variant that samples it}: the train and import rules find their run from their output's wildcards
+RUN_VARIANT = {run_dir(name): name for name in reversed(list(VARIANTS))}
+
+
+def run_variant(wc):
+    """A variant the run of the train or import job with these wildcards (variant, runkey or release) belongs to:
+    every value the rule takes from it is the same for each variant sharing the run."""
+    return RUN_VARIANT[f"{RUNS}/{wc.variant}/{getattr(wc, 'runkey', None) or wc.release}"]
+
+
+def run_folders(names):
+    """The first level of the run dirs of these variants (a wildcard constraint of the train or import rule)."""
+    return names_pattern(sorted({run_dir(name).split("/")[-2] for name in names}))
 
 
 def uses_eval_run(name):
-    """`pixelgen score` logs a variant's metrics to its training run when the variant trained that run itself;
-    any other variant (it samples another variant's run, or an imported release) gets an evaluation run of its
-    own under the workflow's parent run, so several variants' FIDs never land as one metric of one run."""
-    return not (name in TRAINED and RUN_OWNER[name] == name)
+    """`pixelgen score` logs a variant's metrics to its training run when the variant trained that run alone;
+    any other variant (it shares its run with others, or samples an imported release) gets an evaluation run of
+    its own under the workflow's parent run, so several variants' FIDs never land as one metric of one run."""
+    return not (name in TRAINED and name not in SHARED)
 
 
 PARENT_FILE = f"{WORK}/mlflow/{GRID}.parent"
@@ -282,9 +349,28 @@ def sample_args(name):
 
 
 def train_sets(name):
+    """The train job's --set items: a variant's own overrides where it trains alone (the command it always had);
+    for a shared run, the same items whichever variants share it (shared_run_overrides)."""
     import shlex
 
-    return " ".join(f"--set {shlex.quote(s)}" for s in variant_overrides(name))
+    items = shared_run_overrides(name) if name in SHARED else variant_overrides(name)
+    return " ".join(f"--set {shlex.quote(s)}" for s in items)
+
+
+def shared_run_overrides(name):
+    """--set items of a run several variants share, from the run alone: the workflow's overrides, then every
+    training setting in which the run's resolved config differs from them (sorted), then what the DAG fixes, with
+    `shared-<key>` as its MLflow name. A variant's own items would name it, or repeat a default one variant
+    writes out and another leaves implicit: the command, a param, would change with the first variant, and
+    Snakemake would train again."""
+    from pixelgen.config import flatten, load_config
+
+    base = list(config.get("pixelgen_overrides", [])) + dag_overrides(name)
+    plain = flatten(load_config(config["pixelgen"], base))
+    run = flatten(load_config(config["pixelgen"], variant_overrides(name)))
+    differs = [f"{k}={json.dumps(v)}" for k, v in sorted(run.items())
+               if not k.startswith(("tracking.", "sampling.")) and (k not in plain or plain[k] != v)]
+    return list(config.get("pixelgen_overrides", [])) + differs + dag_overrides(f"shared-{shared_run_key(name)}")
 
 
 def part_arg(wc):

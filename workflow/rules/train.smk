@@ -27,13 +27,13 @@ rule train:
         final=f"{RUNS}/{{variant}}/{{runkey}}/checkpoints/final.pt",
         ema=f"{RUNS}/{{variant}}/{{runkey}}/checkpoints/final_ema.pt",
     wildcard_constraints:
-        variant=names_pattern([v for v in TRAINED if v in OWNERS]),
+        variant=run_folders(TRAINED),  # a variant's name, or `shared` (a run several variants share)
         runkey="[0-9a-f]{12}",
     params:
         config_file=config["pixelgen"],
-        config=lambda wc: train_digest(wc.variant),
-        sets=lambda wc: train_sets(wc.variant),
-        run_dir=lambda wc: run_dir(wc.variant),
+        config=lambda wc: train_digest(run_variant(wc)),
+        sets=lambda wc: train_sets(run_variant(wc)),
+        run_dir=lambda wc: run_dir(run_variant(wc)),
         launcher=lambda wc, resources, threads: train_launcher(config["train_nodes"], config.get("train_gpus", 0),
                                                                resources, threads),
     log:
@@ -57,11 +57,12 @@ rule train:
 # scored like our own.
 rule import_official:
     input:
-        lambda wc: weights_file(IMPORTED[wc.variant]),
+        lambda wc: weights_file(IMPORTED[run_variant(wc)]),
     output:
         f"{RUNS}/{{variant}}/{{release}}/checkpoints/final_ema.pt",
     wildcard_constraints:
-        variant=names_pattern([v for v in IMPORTED if v in OWNERS]),
+        variant=run_folders(IMPORTED),
+        release=names_pattern(sorted(set(IMPORTED.values()))),
     log:
         f"{LOGS}/import/{{variant}}-{{release}}.log",
     threads: 1
