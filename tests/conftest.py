@@ -1,7 +1,12 @@
 import os
 
-import pytest
-import torch
+# The suite runs in two xdist workers on two cores, and many tests start pixelgen/snakemake processes: one torch
+# thread per process (set before torch loads, inherited by every child), or the processes fight over the cores and
+# small jobs get many times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,21 @@ def test_fid_matches_a_direct_scipy_computation():
     assert expected > 1 and got == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("n_a, n_b, rel", [(400, 400, 1e-10), (12, 30, 1e-5)])
+def test_the_eigh_trace_is_the_adm_sqrtm_fid(n_a, n_b, rel):
+    """--fid-sqrt eigh (the test config's) against the ADM sqrtm: equal at full rank; close where few samples make
+    the covariances singular (there sqrtm is the ill-conditioned one)."""
+    rng = np.random.RandomState(4)
+    a = rng.randn(n_a, 64)
+    b = rng.randn(n_b, 64) @ np.diag(np.linspace(0.5, 2, 64)) + 0.3
+    sa, sb = metrics.feature_statistics(a), metrics.feature_statistics(b)
+    adm = metrics.fid(sa, sb)
+    assert adm > 1 and metrics.fid(sa, sb, "eigh") == pytest.approx(adm, rel=rel)
+    assert metrics.fid(sa, sa, "eigh") == pytest.approx(0, abs=1e-4)  # round-off of the zero eigenvalues
+    with pytest.raises(ValueError, match="eigh"):
+        metrics.fid(sa, sb, "svd")
+
+
 def test_fid_of_shifted_gaussians_is_the_squared_shift():
     rng = np.random.RandomState(2)
     a = rng.randn(20000, 4)

@@ -12,7 +12,7 @@ import torch
 from jobs_helpers import pixelgen
 from pixelgen.errors import PixelgenError
 from pixelgen.model import SIZES, JiT
-from pixelgen.official import (DERIVED, convert_state, ema_state, import_official, infer_config, official_to_ours,
+from pixelgen.official import (DERIVED, convert_state, ema_state, import_official, official_to_ours,
                                ours_to_official, release_format)
 
 OFFICIAL_LIST = Path(__file__).parent / "data" / "official_jit_params.txt"

@@ -11,8 +11,7 @@ import urllib.request
 import pytest
 import yaml
 
-from workflow_helpers import (BIN, ENV, REPO, edit_yaml, grid_sets, mlflow_client, planned, project_copy, run_grid,
-                              runs_by_name, snakemake, tree)
+from workflow_helpers import (BIN, ENV, REPO, edit_yaml, planned, project_copy, snakemake, tree)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +87,6 @@ def test_new_weights_under_the_same_key_are_resampled_not_refused_or_reused(fini
     assert metrics["sampling"]["ckpt_digest"] == weights_digest(state)
 
 
-# --- the grids beyond the paper (config/grids/solvers.yaml, gate_schedule.yaml, components.yaml), end to end ---
 
 
 def test_variants_share_a_training_run_only_when_their_training_is_identical(finished):
@@ -102,78 +100,6 @@ def test_variants_share_a_training_run_only_when_their_training_is_identical(fin
     assert jobs["train"] == 3 and jobs["sample_reset"] == 4 and jobs["score"] == 4
 
 
-def test_solvers_grid_trains_once_and_scores_every_solver_in_its_own_mlflow_run(finished):
-    from pixelgen.config import load_grid
-    from pixelgen.solvers import evaluations
-
-    variants = load_grid(finished / "config/grids/solvers.yaml")["variants"]
-    assert {grid_sets(v)["sampling.sampler"] for v in variants.values()} == {"euler", "heun", "dpm++2m", "exp-ab2"}
-    log = run_grid(finished, "config/grids/solvers.yaml", "ci-solvers")
-    assert log.count("rule train:") == 1  # sixteen sampling variants, one trained model
-    [owner] = (finished / "work/runs/ci-solvers").iterdir()
-    [run] = owner.iterdir()
-    assert owner.name == next(iter(variants))  # the first variant of the grid owns the run
-    results = finished / "results/ci-solvers"
-    metrics = {name: json.loads((results / f"metrics/{name}.json").read_text()) for name in variants}
-    import pandas as pd
-
-    table = pd.read_csv(results / "table.csv").set_index("variant")
-    for name, variant in variants.items():
-        sampling, sets = metrics[name]["sampling"], grid_sets(variant)
-        assert (sampling["sampler"], sampling["steps"]) == (sets["sampling.sampler"], sets["sampling.steps"])
-        nfe = evaluations(sampling["sampler"], sampling["steps"])
-        assert table.loc[name, "NFE"] == sampling["nfe_per_image"] == nfe == int(name.rsplit("nfe", 1)[1])
-    assert len({m["sampling"]["ckpt_digest"] for m in metrics.values()}) == 1  # every variant sampled one model
-    assert len({round(m["fid"], 6) for m in metrics.values()}) > 4  # ... into different images
-    assert (results / "fid_vs_nfe.png").stat().st_size > 10_000
-    # MLflow: the owner's FID in its training run, every other variant in an evaluation run of its own
-    client = mlflow_client(finished)
-    runs = runs_by_name(client, "ci-solvers")
-    train_id = (run / "mlflow_run_id").read_text().strip()
-    assert runs[owner.name].info.run_id == train_id
-    [fid] = client.get_metric_history(train_id, "eval/fid")
-    assert fid.value == pytest.approx(metrics[owner.name]["fid"])
-    evals = {name: r for name, r in runs.items() if r.data.tags.get("kind") == "eval"}
-    assert set(evals) == set(variants) - {owner.name}
-    parent = runs["workflow-ci-solvers"].info.run_id
-    for name, r in evals.items():
-        assert r.data.tags["train_run_id"] == train_id and r.data.tags["mlflow.parentRunId"] == parent
-        assert r.data.metrics["eval/fid"] == pytest.approx(metrics[name]["fid"])
-        assert r.data.params["sampling.sampler"] == metrics[name]["sampling"]["sampler"]
-    # rescoring a variant logs into its evaluation run again, not into a new run
-    (results / "metrics/heun_nfe9.json").unlink()
-    (results / "table.md").unlink()  # (Snakemake remakes a missing intermediate file only for a target it needs)
-    run_grid(finished, "config/grids/solvers.yaml", "ci-solvers")
-    experiment = client.get_experiment_by_name("ci-solvers").experiment_id
-    assert len(client.search_runs([experiment], max_results=500)) == len(runs)
-    again = runs_by_name(client, "ci-solvers")
-    assert again["heun_nfe9"].info.run_id == evals["heun_nfe9"].info.run_id
-    assert len(client.get_metric_history(evals["heun_nfe9"].info.run_id, "eval/fid")) == 2
-
-
-@pytest.mark.parametrize("grid", ["gate_schedule", "components"])
-def test_loss_weighting_grids_train_every_variant_end_to_end(finished, grid):
-    from pixelgen.config import flatten, load_grid
-
-    variants = load_grid(finished / f"config/grids/{grid}.yaml")["variants"]
-    log = run_grid(finished, f"config/grids/{grid}.yaml", f"ci-{grid}")
-    assert log.count("rule train:") == len(variants)
-    runs = finished / f"work/runs/ci-{grid}"
-    assert {p.name for p in runs.iterdir()} == set(variants)
-    for name, variant in variants.items():
-        [run] = (runs / name).iterdir()
-        trained = flatten(yaml.safe_load((run / "config.yaml").read_text()))
-        assert all(trained[key] == value for key, value in grid_sets(variant).items()), name
-    results = finished / f"results/ci-{grid}"
-    table = (results / "table.md").read_text()
-    assert all(f"| {name} †" in table for name in variants)  # every row scored, labelled random-weight
-    assert (results / "gate_weights.png").stat().st_size > 10_000
-    if grid == "gate_schedule":  # the learned weighting's curve over t reaches metrics.jsonl (and the plot)
-        [run] = (runs / "learned").iterdir()
-        last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-        assert len([k for k in last if k.startswith("gate_weight/")]) >= 10
-
-
 def test_local_run_produces_the_results(local_run):
     results = local_run / "results/ci"
     table = (results / "table.md").read_text()
@@ -183,6 +109,7 @@ def test_local_run_produces_the_results(local_run):
         assert (results / name).stat().st_size > 0, name
     metrics = json.loads((results / "metrics/pixelgen.json").read_text())
     assert metrics["num_samples"] == 20 and metrics["weights"] == "random" and metrics["sfid"] > 0
+    assert metrics["fid_sqrt"] == "eigh"  # config/test.yaml's faster trace reached the score rule
     import pandas as pd
 
     csv = pd.read_csv(results / "table.csv").set_index("variant")

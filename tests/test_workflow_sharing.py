@@ -7,7 +7,7 @@ import re
 import pytest
 import yaml
 
-from workflow_helpers import REPO, planned, project_copy, snakemake
+from workflow_helpers import REPO, project_copy, snakemake
 
 # a, b and d differ in sampling only: one training run; c trains differently (its own run)
 GRID = {"a": {"set": ["sampling.steps=3"]}, "b": {"set": ["sampling.sampler=heun"]},
@@ -149,18 +149,3 @@ def test_the_workflow_refuses_a_variant_named_dot_dot(project):
 
 
 # --- end to end: for a finished run (tests/test_workflow.py's `finished` fixture) ---
-
-
-def check_a_reordered_finished_grid_trains_samples_and_scores_nothing_again(finished):
-    """A sampler grid run to the end, then reordered and its first variant removed: nothing retrains, resamples or
-    rescores (the report reruns: its grid changed). Takes a copy of a finished project, as `finished` is."""
-    from workflow_helpers import edit_yaml, run_grid
-
-    grid = {"a": {"set": ["sampling.steps=3"]}, "b": {"set": ["sampling.sampler=heun"]},
-            "c": {"set": ["sampling.steps=1"]}}
-    (finished / "config/grids/share.yaml").write_text(yaml.safe_dump({"variants": grid}, sort_keys=False))
-    log = run_grid(finished, "config/grids/share.yaml", "share")
-    assert log.count("rule train:") == 1
-    (finished / "config/grids/share.yaml").write_text(yaml.safe_dump({"variants": {"c": grid["c"], "b": grid["b"]}}))
-    edit_yaml(finished / "config/test.yaml", lambda c: c.update(variants="config/grids/share.yaml", grid="share"))
-    assert planned(finished) == {"report": 1, "all": 1}

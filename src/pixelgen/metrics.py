@@ -64,18 +64,41 @@ class RunningStatistics:
         return {"mu": _host(self.mean), "sigma": _host(self.m2 / (self.count - 1))}
 
 
-def fid(stats_a: dict, stats_b: dict) -> float:
+FID_SQRT_MODES = ("adm", "eigh")
+
+
+def fid(stats_a: dict, stats_b: dict, sqrt: str = "adm") -> float:
+    """Frechet distance of two Gaussians. sqrt = adm: tr sqrtm(sigma_a sigma_b) by scipy's sqrtm, as the ADM
+    evaluator (and torch-fidelity) compute it; eigh: the same trace from symmetric eigenvalues (_trace_sqrt_product),
+    4-5x faster on a CPU, equal to about 1e-15 on full-rank covariances."""
     import warnings
 
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
 
-    # the matrix square root of the 2048 x 2048 product stays in scipy on the host: once per score, and exact
+    if sqrt not in FID_SQRT_MODES:
+        raise ValueError(f"fid sqrt must be one of {', '.join(FID_SQRT_MODES)}, got {sqrt!r}")
+    # the matrix square root of the 2048 x 2048 product stays on the host in float64: once per score, and exact
     a = {k: _host(stats_a[k]).astype(np.float64) for k in ("mu", "sigma")}
     b = {k: _host(stats_b[k]).astype(np.float64) for k in ("mu", "sigma")}
+    if sqrt == "eigh":
+        diff = a["mu"] - b["mu"]
+        trace = np.trace(a["sigma"]) + np.trace(b["sigma"]) - 2 * _trace_sqrt_product(a["sigma"], b["sigma"])
+        return float(diff.dot(diff) + trace)
     with warnings.catch_warnings():
         # few samples give singular covariances; scipy warns, torch-fidelity already adds an offset and retries
         warnings.simplefilter("ignore")
         return float(fid_statistics_to_metric(a, b, False)[KEY_METRIC_FID])
+
+
+def _trace_sqrt_product(sigma_a: np.ndarray, sigma_b: np.ndarray) -> float:
+    """tr sqrt(A B) for covariances A, B: the eigenvalues of A B are those of the symmetric A^1/2 B A^1/2 (real,
+    >= 0), so two symmetric eigen-decompositions replace the general sqrtm (a Schur form of a non-symmetric
+    matrix). Round-off below zero is clipped. With few samples (a singular A) it is the more accurate of the two:
+    sqrtm of a singular product is ill-conditioned, which is why the ADM evaluator retries with an offset."""
+    values, vectors = np.linalg.eigh(sigma_a)
+    half = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    product = np.linalg.eigvalsh(half @ sigma_b @ half)
+    return float(np.sqrt(np.clip(product, 0, None)).sum())
 
 
 def inception_score(logits: np.ndarray, mode: str = "adm", split_size: int = 5000,

@@ -327,7 +327,7 @@ def score(samples: Path, ref: Path, out: Path, *, batch_size: int = 100, weights
           allow_random: bool = False, device: str = "auto", mlflow_run_id: str | None = None,
           tracking_uri: str | None = None, progress: bool = True, is_mode: str = "adm",
           pr_distance: str = "adm", workers: int | None = None, ref_cache: Path | None = None,
-          eval_run: tuple[str, Path] | None = None) -> dict:
+          eval_run: tuple[str, Path] | None = None, fid_sqrt: str = "adm") -> dict:
     """Score `samples` against `ref`; `workers` decode the sample shards (None: default_workers, 0: this
     process); the ADM reference batch's features are cached in `ref_cache` (default: beside `ref`).
     The metrics go to MLflow: to `eval_run` = (name, parent run id file) when given (tracking.log_eval_run),
@@ -347,7 +347,7 @@ def score(samples: Path, ref: Path, out: Path, *, batch_size: int = 100, weights
     reference = load_reference(Path(ref), data, kind, net, dev, batch_size, progress, ref_cache)
     outputs = inception_outputs(net, sample_set.batches(batch_size), dev, sample_set.count, progress, "score")
     manifest = sample_set.manifest
-    result = assemble_metrics(outputs, reference, manifest, real, str(ref), is_mode, pr_distance)
+    result = assemble_metrics(outputs, reference, manifest, real, str(ref), is_mode, pr_distance, fid_sqrt)
     result["samples"] = str(samples)
     write_json_atomic(out, result)
     try:
@@ -365,7 +365,7 @@ def score(samples: Path, ref: Path, out: Path, *, batch_size: int = 100, weights
 
 
 def assemble_metrics(outputs, reference: dict, manifest: dict, real: bool, ref: str, is_mode: str,
-                     pr_distance: str) -> dict:
+                     pr_distance: str, fid_sqrt: str = "adm") -> dict:
     """metrics.json: every metric of the samples' Inception outputs against the reference, and their labels."""
     feats, logits = outputs.features, outputs.logits
     is_mean, is_std = metrics.inception_score(logits, mode=is_mode)
@@ -374,14 +374,15 @@ def assemble_metrics(outputs, reference: dict, manifest: dict, real: bool, ref: 
     precision, recall = metrics.precision_recall(reference["features"], feats, k=PR_K, distance=pr_distance)
     weights_real = real and reference["weights_real"] and bool(manifest.get("encoders_real", True))
     return {
-        "fid": metrics.fid(metrics.feature_statistics(feats), reference),
+        "fid": metrics.fid(metrics.feature_statistics(feats), reference, fid_sqrt),
         # None where the reference has no spatial statistics (a ref-stats file from before sFID: remake it)
-        "sfid": metrics.fid(outputs.spatial.statistics(), reference["spatial"]) if reference["spatial"] else None,
+        "sfid": (metrics.fid(outputs.spatial.statistics(), reference["spatial"], fid_sqrt)
+                 if reference["spatial"] else None),
         "inception_score": is_mean, "inception_score_std": is_std,
         "kid": kid_mean, "kid_std": kid_std, "precision": precision, "recall": recall,
         "num_samples": len(feats), "reference": ref, "reference_kind": reference["kind"],
         "reference_num": reference["num"], "pr_k": PR_K, "pr_num_samples": len(feats),
-        "is_mode": is_mode, "pr_distance": pr_distance,
+        "is_mode": is_mode, "pr_distance": pr_distance, "fid_sqrt": fid_sqrt,
         "weights": "real" if weights_real else "random",
         "comparable": weights_real,
         "inception_weights": "real" if real else "random",

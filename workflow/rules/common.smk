@@ -308,6 +308,8 @@ def score_options(name):
     the parent run file. (Only that variant's command changes: a variant that trained its run keeps the command
     it always had, so finished workflows are not rescored.)"""
     options = [random_flag()]
+    if config.get("fid_sqrt", "adm") != "adm":  # left out at the default: finished workflows are not rescored
+        options.append(f"--fid-sqrt {config['fid_sqrt']}")
     if uses_eval_run(name):
         options += [f"--eval-run {name} --parent-run-id-file {PARENT_FILE}"]
         if config.get("mlflow_uri"):
