@@ -85,6 +85,25 @@ def test_a_shared_run_stays_put_when_its_variants_are_reordered_removed_or_edite
     assert {k: v for k, v in run.items() if not k.startswith(("tracking.", "sampling."))} == common["RESOLVED"]["a"][0]
 
 
+def test_an_existing_run_is_kept_where_it_is_when_variants_join_or_leave_it(monkeypatch, tmp_path):
+    """A run trained alone, then a sampler variant added beside it; a shared run, then all but one of its variants
+    removed: the existing run is sampled where it is, by the same train command (no retraining)."""
+    monkeypatch.chdir(tmp_path)  # the run dirs are relative to the working directory, as in a project
+    alone = {"a": {"set": ["sampling.steps=3"]}}
+    before = workflow_functions(monkeypatch, tmp_path, alone)
+    (tmp_path / before["run_dir"]("a") / "checkpoints").mkdir(parents=True)
+    joined = workflow_functions(monkeypatch, tmp_path, {**alone, "b": {"set": ["sampling.sampler=heun"]}})
+    assert joined["run_dir"]("a") == joined["run_dir"]("b") == before["run_dir"]("a")
+    assert train_params(joined, "b") == train_params(before, "a")  # the command that trained it: nothing reruns
+    assert not joined["uses_eval_run"]("a") and joined["uses_eval_run"]("b")  # a trained it: its MLflow run
+    pair = {"c": {"set": ["loss.gate=0.5"]}, "d": {"set": ["loss.gate=0.5", "sampling.steps=2"]}}
+    shared = workflow_functions(monkeypatch, tmp_path, pair)
+    assert "/shared/" in shared["run_dir"]("d")
+    (tmp_path / shared["run_dir"]("d") / "checkpoints").mkdir(parents=True)
+    left = workflow_functions(monkeypatch, tmp_path, {"d": pair["d"]})
+    assert left["run_dir"]("d") == shared["run_dir"]("d") and train_params(left, "d") == train_params(shared, "d")
+
+
 def test_variants_of_a_shared_run_score_into_evaluation_runs_and_link_to_it(monkeypatch, tmp_path):
     common = workflow_functions(monkeypatch, tmp_path, GRID)
     assert {v for v in GRID if common["uses_eval_run"](v)} == {"a", "b", "d"}  # c logs into its training run

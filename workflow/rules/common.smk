@@ -269,13 +269,36 @@ def train_digest(name):
     return digest(RESOLVED[name][0])
 
 
-def run_dir(name):
-    """The run a variant samples, trained or imported once: its own (RUNS/<variant>/<run key>), or where several
-    variants share it, RUNS/shared/<shared run key>, named by no variant, so that reordering the grid, removing a
-    variant or editing one variant's training leaves the others' run where it is."""
+def _home_run_dir(name):
+    """Where a variant's run goes when none exists yet: its own folder (RUNS/<variant>/<run key>), or where several
+    variants share it, RUNS/shared/<shared run key>, named by no variant."""
     if name in SHARED:
         return f"{RUNS}/shared/{shared_run_key(name)}"
     return f"{RUNS}/{name}/{RUN_KEYS[name]}"
+
+
+def _run_started(folder):
+    return Path(folder, "checkpoints").is_dir()
+
+
+def run_dir(name):
+    """The run a variant samples, trained or imported once. A run that exists already with the same weights is
+    kept wherever it is: the shared folder, or the own folder of a variant of the grid that trains the same way
+    (a variant that trained alone before a sampler variant joined it, or the first variant of a shared run
+    written before shared folders). So reordering the grid, removing a variant, editing one variant's training or
+    adding a sampler variant never trains an existing model again. (Run dirs are looked up when the DAG is built.)"""
+    home = _home_run_dir(name)
+    if name in IMPORTED or _run_started(home):
+        return home
+    same = [m for m in VARIANTS if RESOLVED[m][0] == RESOLVED[name][0]]
+    candidates = [f"{RUNS}/shared/{shared_run_key(name)}"] + [f"{RUNS}/{m}/{RUN_KEYS[m]}" for m in same]
+    return next((folder for folder in candidates if _run_started(folder)), home)
+
+
+def _run_folder_owner(name):
+    """The variant whose own folder holds the variant's run, or None for a shared folder."""
+    folder = run_dir(name)
+    return None if folder.startswith(f"{RUNS}/shared/") else folder.split("/")[-2]
 
 
 # {run dir: a variant that samples it}: the train and import rules find their run from their output's wildcards
@@ -297,7 +320,7 @@ def uses_eval_run(name):
     """`pixelgen score` logs a variant's metrics to its training run when the variant trained that run alone;
     any other variant (it shares its run with others, or samples an imported release) gets an evaluation run of
     its own under the workflow's parent run, so several variants' FIDs never land as one metric of one run."""
-    return not (name in TRAINED and name not in SHARED)
+    return not (name in TRAINED and _run_folder_owner(name) == name)
 
 
 PARENT_FILE = f"{WORK}/mlflow/{GRID}.parent"
@@ -351,11 +374,13 @@ def sample_args(name):
 
 
 def train_sets(name):
-    """The train job's --set items: a variant's own overrides where it trains alone (the command it always had);
-    for a shared run, the same items whichever variants share it (shared_run_overrides)."""
+    """The train job's --set items: in a variant's own folder that variant's overrides (the command it always had,
+    also once other variants sample its run); in the shared folder, the same items whichever variants share it
+    (shared_run_overrides)."""
     import shlex
 
-    items = shared_run_overrides(name) if name in SHARED else variant_overrides(name)
+    owner = _run_folder_owner(name)  # the command that made the folder's run, whichever variant asks
+    items = shared_run_overrides(name) if owner is None else variant_overrides(owner)
     return " ".join(f"--set {shlex.quote(s)}" for s in items)
 
 
