@@ -145,7 +145,7 @@ def test_the_dag_trains_a_shared_run_where_any_order_of_its_grid_puts_it(project
 # --- variant names name folders: none may leave the grid's folder ---
 
 
-@pytest.mark.parametrize("name", ["..", ".", ".hidden"])
+@pytest.mark.parametrize("name", ["..", ".", ".hidden", "shared"])
 def test_load_grid_refuses_a_variant_name_that_is_not_a_plain_folder_name(tmp_path, name):
     from pixelgen.config import VARIANT_NAME, load_grid
     from pixelgen.errors import PixelgenError

@@ -271,8 +271,8 @@ def add_score(sub) -> None:
                          "as the ADM evaluator (default); exact = float64")
     sc.add_argument("--fid-sqrt", choices=["adm", "eigh"], default="adm",
                     help="FID/sFID's tr sqrt(sigma_a sigma_b): adm = scipy's sqrtm, as the ADM evaluator (default); "
-                         "eigh = the same trace from symmetric eigenvalues, 4-5x faster on a CPU (equal to about "
-                         "1e-15 on full-rank covariances; the test config's choice)")
+                         "eigh = the same trace from symmetric eigenvalues, 4-5x faster on a CPU (equal to 1e-10 or "
+                         "better on full-rank covariances, to 1e-5 on singular ones; the test config's choice)")
     sc.add_argument("--workers", type=non_negative_int,
                     help="processes decoding the sample shards (default: one per core but one, at most 8; "
                          "0 = in this process); the images and numbers are the same for any count")

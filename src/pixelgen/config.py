@@ -369,7 +369,7 @@ VARIANT_KEYS = ("description", "set", "sample", "import", "paper")
 VARIANT_SAMPLE_KEYS = ("num", "batch_size")  # how many samples, not how: sampler settings are `set: sampling.*`
 PAPER_KEYS = ("fid", "sfid", "is", "prec", "rec")  # report.COLUMNS' labels, lower-cased
 # a variant's name names its folders (runs, samples, report links): a plain folder name, never `.`, `..` or hidden
-VARIANT_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
+VARIANT_NAME = re.compile(r"^(?!shared$)[A-Za-z0-9_-][A-Za-z0-9_.-]*$")  # `shared`: the folder of shared runs
 
 
 def _unknown(what: str, keys: Iterable[str], known: Iterable[str]) -> None:
@@ -395,7 +395,7 @@ def load_grid(path: str | Path) -> dict:
     for name, variant in grid["variants"].items():
         if not isinstance(name, str) or not VARIANT_NAME.match(name):
             raise PixelgenError(f"{path}: variant name {str(name)!r} must be letters, digits, _, . and - and not "
-                                f"start with a dot (it names the variant's folders); rename it")
+                                f"start with a dot, nor be 'shared' (it names the variant's folders); rename it")
         variant = {} if variant is None else variant
         where = f"{path}, variant '{name}'"
         if not isinstance(variant, dict):

@@ -70,7 +70,8 @@ FID_SQRT_MODES = ("adm", "eigh")
 def fid(stats_a: dict, stats_b: dict, sqrt: str = "adm") -> float:
     """Frechet distance of two Gaussians. sqrt = adm: tr sqrtm(sigma_a sigma_b) by scipy's sqrtm, as the ADM
     evaluator (and torch-fidelity) compute it; eigh: the same trace from symmetric eigenvalues (_trace_sqrt_product),
-    4-5x faster on a CPU, equal to about 1e-15 on full-rank covariances."""
+    4-5x faster on a CPU, equal to 1e-10 or better on full-rank covariances (1e-15
+    measured at 2048 dimensions) and to 1e-5 on the singular ones of a few samples."""
     import warnings
 
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
