@@ -167,7 +167,7 @@ def test_a_reference_without_spatial_statistics_scores_everything_but_sfid(train
     sample(ckpt, tmp_path / "s")
     out = tmp_path / "metrics.json"
     result = pixelgen("score", str(tmp_path / "s"), "--ref", str(ref), "--out", str(out), "--allow-random-weights",
-                      "--quiet")
+                      "--quiet", "--fid-sqrt", "eigh")
     assert result.returncode == 0, result.stderr
     m = json.loads(out.read_text())
     assert m["sfid"] is None and m["fid"] > 0 and "remake the ref-stats" in result.stdout
@@ -244,7 +244,7 @@ def test_logs_without_a_terminal_are_timestamped_lines(trained, tmp_path):
     assert re.fullmatch(rf"{STAMP} ref-stats 40/40 images \(100%\), [\d.]+ img/s, eta 0:00:00", lines[-1])
 
     result = pixelgen("score", str(tmp_path / "s"), "--ref", str(ref), "--out", str(tmp_path / "m.json"),
-                      "--allow-random-weights", "--batch-size", "5")
+                      "--allow-random-weights", "--batch-size", "5", "--fid-sqrt", "eigh")
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stderr.strip().splitlines() if re.match(STAMP, line)]
     assert "\r" not in result.stderr and len(lines) == 4, result.stderr
