@@ -29,7 +29,7 @@ def test_official_config_imports_samples_and_scores_against_the_reference_batch(
     # the releases sample in bf16 compiled (the official sampler); bf16 runs on the CPU, the compile is skipped
     config.update(sample={"num": 20, "parts": 2, "batch_size": 10},
                   pixelgen_overrides=["sampling.steps=3", "sampling.compile=false"],
-                  allow_random_weights=True, dataset={**config["dataset"], "resolution": 32},
+                  allow_random_weights=True, fid_sqrt="eigh", dataset={**config["dataset"], "resolution": 32},
                   resources={k: {"cpus": 1, "mem_mb": 2000, "runtime": 10} for k in ("train", "sample", "other")})
     (root / "config/official-test.yaml").write_text(yaml.safe_dump(config))
     env = {**ENV, "PIXELGEN_WEIGHTS": str(weights), "OMP_NUM_THREADS": "1"}
