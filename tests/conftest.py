@@ -9,6 +9,21 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+# The longest files first. `-n 2 --dist loadfile` deals whole files to whichever worker is free, in collection
+# order: a long file dealt last runs alone while the other core idles (longest-processing-time-first is the
+# classic fix). Order from CI's --durations; files not named keep their order after these.
+LONGEST_FILES_FIRST = [
+    "test_workflow.py", "test_sample_score.py", "test_workflow_grids.py", "test_multinode.py", "test_dvc.py",
+    "test_workflow_official.py", "test_train.py", "test_faults_training.py", "test_faults_sampling.py",
+    "test_score_fast.py", "test_train_sync.py", "test_bench_gpu.py", "test_gating.py",
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # a stable sort: tests keep their file order
+
+
 @pytest.fixture(scope="session")
 def random_weights_dir(tmp_path_factory):
     """A weights directory holding randomly initialised VGG16 and DINOv2-B in the real files' formats."""

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import scipy.linalg
+import torch
 
 from pixelgen import metrics
 
@@ -40,6 +41,32 @@ def test_the_eigh_trace_is_the_adm_sqrtm_fid(n_a, n_b, rel):
     assert metrics.fid(sa, sa, "eigh") == pytest.approx(0, abs=1e-4)  # round-off of the zero eigenvalues
     with pytest.raises(ValueError, match="eigh"):
         metrics.fid(sa, sb, "svd")
+
+
+@pytest.mark.parametrize("n_a, n_b", [(20, 30), (30, 20), (200, 30), (200, 300)])
+def test_the_low_rank_eigh_trace_equals_the_full_one_and_is_used_only_below_full_rank(n_a, n_b):
+    """Fewer samples than dimensions: the statistics carry sigma's factor and the eigh trace solves an N x N
+    problem; the same number as the D x D one, on either side, and from batches (RunningStatistics) too."""
+    rng = np.random.RandomState(5)
+    a = rng.randn(n_a, 64) * 1.5
+    b = rng.randn(n_b, 64) @ np.diag(np.linspace(0.5, 2, 64)) + 0.3
+    sa, sb = metrics.feature_statistics(a), metrics.feature_statistics(b)
+    assert ("factor" in sa, "factor" in sb) == (n_a <= 64, n_b <= 64)
+    for stats in (sa, sb):
+        if "factor" in stats:
+            np.testing.assert_allclose(stats["factor"].T @ stats["factor"], stats["sigma"], atol=1e-12)
+    full = {k: sa[k] for k in ("mu", "sigma")}, {k: sb[k] for k in ("mu", "sigma")}
+    expected = metrics.fid(*full, "eigh")
+    # (the D x D route takes square roots of the round-off left in the zero eigenvalues: ~1e-8 relative)
+    assert metrics.fid(sa, sb, "eigh") == pytest.approx(expected, rel=1e-7)
+    assert metrics.fid(sb, sa, "eigh") == pytest.approx(expected, rel=1e-7)
+    running = metrics.RunningStatistics()
+    for part in np.array_split(b, 3):
+        running.update(torch.from_numpy(part))
+    streamed = running.statistics()
+    assert ("factor" in streamed) == (n_b <= 64)
+    assert metrics.fid(sa, streamed, "eigh") == pytest.approx(expected, rel=1e-7)
+    assert metrics.fid(sa, streamed) == pytest.approx(metrics.fid(*full), rel=1e-7)  # adm: sigma, as before
 
 
 def test_fid_of_shifted_gaussians_is_the_squared_shift():

@@ -27,7 +27,16 @@ def feature_statistics(features) -> dict[str, np.ndarray]:
     mu = f.mean(0)
     centred = f - mu
     # np.cov's unbiased estimate, centred before the product like np.cov (no sum-of-squares cancellation)
-    return {"mu": _host(mu), "sigma": _host(centred.T @ centred / (len(f) - 1))}
+    stats = {"mu": _host(mu), "sigma": _host(centred.T @ centred / (len(f) - 1))}
+    return stats | _low_rank_factor(centred, len(f))
+
+
+def _low_rank_factor(centred: torch.Tensor, count: int) -> dict[str, np.ndarray]:
+    """{"factor": F} with sigma = F^T F, where fewer samples than dimensions make it the cheaper form of sigma
+    (FID's eigh trace then needs an N x N eigenproblem, not a D x D one: _trace_sqrt_product); {} otherwise."""
+    if count > centred.shape[1]:
+        return {}
+    return {"factor": _host(centred / (count - 1) ** 0.5)}
 
 
 class RunningStatistics:
@@ -40,11 +49,16 @@ class RunningStatistics:
         self.count = 0
         self.mean: torch.Tensor | None = None
         self.m2: torch.Tensor | None = None  # sum of outer products of deviations from the mean
+        self.rows: list[torch.Tensor] | None = []  # the features themselves while they are fewer than their dims
 
     def update(self, features) -> None:
         f = _float64(features)
         if len(f) == 0:
             return
+        if self.rows is not None:
+            self.rows.append(f)
+            if self.count + len(f) > f.shape[1]:  # as many samples as dims: the factor saves nothing any more
+                self.rows = None
         n_b, mean_b = len(f), f.mean(0)
         centred = f - mean_b
         m2_b = centred.T @ centred
@@ -61,7 +75,10 @@ class RunningStatistics:
         """The same numbers as feature_statistics of all the features seen (unbiased covariance, like np.cov)."""
         if self.count < 2:
             raise ValueError(f"covariance needs at least 2 samples, got {self.count}")
-        return {"mu": _host(self.mean), "sigma": _host(self.m2 / (self.count - 1))}
+        stats = {"mu": _host(self.mean), "sigma": _host(self.m2 / (self.count - 1))}
+        if self.rows is None:
+            return stats
+        return stats | _low_rank_factor(torch.cat(self.rows) - self.mean, self.count)
 
 
 FID_SQRT_MODES = ("adm", "eigh")
@@ -83,7 +100,10 @@ def fid(stats_a: dict, stats_b: dict, sqrt: str = "adm") -> float:
     b = {k: _host(stats_b[k]).astype(np.float64) for k in ("mu", "sigma")}
     if sqrt == "eigh":
         diff = a["mu"] - b["mu"]
-        trace = np.trace(a["sigma"]) + np.trace(b["sigma"]) - 2 * _trace_sqrt_product(a["sigma"], b["sigma"])
+        # the side with the low-rank factor (a few samples) goes second: its factor shrinks the eigenproblem
+        (first, second), factor = ((a, b), stats_b.get("factor")) if "factor" in stats_b else ((b, a), stats_a.get("factor"))
+        product = _trace_sqrt_product(first["sigma"], second["sigma"], factor)
+        trace = np.trace(a["sigma"]) + np.trace(b["sigma"]) - 2 * product
         return float(diff.dot(diff) + trace)
     with warnings.catch_warnings():
         # few samples give singular covariances; scipy warns, torch-fidelity already adds an offset and retries
@@ -91,11 +111,15 @@ def fid(stats_a: dict, stats_b: dict, sqrt: str = "adm") -> float:
         return float(fid_statistics_to_metric(a, b, False)[KEY_METRIC_FID])
 
 
-def _trace_sqrt_product(sigma_a: np.ndarray, sigma_b: np.ndarray) -> float:
+def _trace_sqrt_product(sigma_a: np.ndarray, sigma_b: np.ndarray, factor_b: np.ndarray | None = None) -> float:
     """tr sqrt(A B) for covariances A, B: the eigenvalues of A B are those of the symmetric A^1/2 B A^1/2 (real,
     >= 0), so two symmetric eigen-decompositions replace the general sqrtm (a Schur form of a non-symmetric
     matrix). Round-off below zero is clipped. With few samples (a singular A) it is the more accurate of the two:
-    sqrtm of a singular product is ill-conditioned, which is why the ADM evaluator retries with an offset."""
+    sqrtm of a singular product is ill-conditioned, which is why the ADM evaluator retries with an offset.
+    Given B = F^T F with F of N < D rows, the nonzero eigenvalues of A B are those of the N x N F A F^T."""
+    if factor_b is not None:
+        f = _host(factor_b).astype(np.float64)
+        return float(np.sqrt(np.clip(np.linalg.eigvalsh(f @ sigma_a @ f.T), 0, None)).sum())
     values, vectors = np.linalg.eigh(sigma_a)
     half = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
     product = np.linalg.eigvalsh(half @ sigma_b @ half)
