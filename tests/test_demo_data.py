@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from pixelgen.demo_data import CLASSES, write_demo_dataset
@@ -31,6 +32,7 @@ def test_classes_differ_in_colour(tmp_path):
     assert arrays[0].shape == (32, 32, 3)
 
 
+@pytest.mark.slow
 def test_cli_demo_data_matches_the_committed_dvc_lock(tmp_path):
     """`pixelgen demo-data data/demo` must reproduce exactly what dvc.lock records of it, so `dvc status` is clean."""
     import yaml

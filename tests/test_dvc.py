@@ -3,9 +3,12 @@
 import json
 import subprocess
 
+import pytest
 import yaml
 
 from workflow_helpers import (BIN, ENV, project_copy)
+
+pytestmark = pytest.mark.slow  # end-to-end: in the full suite (CI), not in `-m "not slow"`
 
 
 def test_dvc_repro_runs_the_demo_and_leaves_status_clean(tmp_path):

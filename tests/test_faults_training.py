@@ -215,6 +215,7 @@ def full_disk_for(monkeypatch, name: str) -> None:
     monkeypatch.setattr(builtins, "open", fake_open)
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_saving_a_checkpoint_is_one_line_keeps_last_pt_and_leaves_no_temp(setup):
     tmp, config = setup
     run = tmp / "full"
@@ -330,6 +331,7 @@ def test_weights_that_became_non_finite_are_never_saved(setup, monkeypatch):
 
 # --- 15: starting from given weights --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_init_from_a_training_checkpoint_starts_a_new_run_from_its_weights(setup):
     source, config = finished_run(setup, "source")
     tmp = setup[0]
@@ -351,6 +353,7 @@ def checkpoint_digest(path):
     return sha256(path)
 
 
+@pytest.mark.slow
 def test_init_from_an_ema_export_or_an_imported_checkpoint_takes_its_ema_network(setup):
     source, config = finished_run(setup, "source")
     tmp = setup[0]

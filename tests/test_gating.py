@@ -200,6 +200,7 @@ def test_the_learned_weighting_sees_every_sample_and_trains_its_log_variances():
     torch.testing.assert_close(weighting.log_variance.grad, expected)
 
 
+@pytest.mark.slow
 def test_a_run_with_the_learned_weighting_trains_logs_and_resumes_bit_identically(tmp_path):
     import json
 

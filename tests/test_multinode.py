@@ -112,6 +112,7 @@ def test_launch_outside_a_slurm_task_is_a_one_line_error():
     assert "--profile slurm" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 @needs_slurm
 def test_two_node_training_runs_under_the_slurm_profile_as_one_job_with_two_tasks(tmp_path):
@@ -148,6 +149,7 @@ def srun_train(config: Path, run_dir: Path, *extra: str) -> subprocess.Completed
                            "--set", "train.steps=4", *extra], capture_output=True, text=True, timeout=900, env=env)
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 @needs_slurm
 def test_two_node_stop_and_resume_equals_an_uninterrupted_two_process_run(tmp_path):

@@ -6,6 +6,8 @@ import torch
 
 from jobs_helpers import fast_config, make_shards, pixelgen
 
+pytestmark = pytest.mark.slow  # end-to-end: in the full suite (CI), not in `-m "not slow"`
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

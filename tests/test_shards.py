@@ -178,6 +178,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
         assert (out / shard["name"]).read_bytes() == (tmp_path / "ref" / shard["name"]).read_bytes()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("PIXELGEN_REAL_DATA"), reason="set PIXELGEN_REAL_DATA to tiny-imagenet-20")
 def test_real_photos_tiny_imagenet(tmp_path):
     root = Path(os.environ["PIXELGEN_REAL_DATA"])

@@ -43,6 +43,7 @@ def states_equal(a: dict, b: dict) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_stop_and_resume_is_bit_identical_to_an_uninterrupted_run(setup):
     tmp, config, _ = setup
     full = pixelgen("train", "--config", str(config), "--run-dir", str(tmp / "full"), "--quiet")
@@ -151,6 +152,7 @@ def test_resume_with_another_config_is_refused(setup):
     assert result.returncode == 1 and "train.lr" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_a_rerun_resumes(setup):
     tmp, config, _ = setup
     run = tmp / "preempted"
@@ -195,6 +197,7 @@ def test_nan_loss_stops_with_the_step_and_term_and_keeps_the_last_good_state(set
     assert torch.load(tmp / "nan/checkpoints/last.pt", weights_only=False)["step"] == 4
 
 
+@pytest.mark.slow
 def test_training_is_logged_to_mlflow(setup):
     tmp, config, uri = setup
     assert pixelgen("train", "--config", str(config), "--run-dir", str(tmp / "logged"), "--quiet",
@@ -217,6 +220,7 @@ def test_training_is_logged_to_mlflow(setup):
     assert "previews/final.png" in {a.path for a in client.list_artifacts(run.info.run_id, "previews")}
 
 
+@pytest.mark.slow
 def test_concurrent_jobs_lose_no_metrics(tmp_path):
     uri = f"sqlite:///{tmp_path / 'shared.db'}"
     script = (

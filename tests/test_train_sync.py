@@ -145,6 +145,7 @@ def test_the_host_time_generator_is_checkpointed(tmp_path, shards):
     assert torch.equal(host, fresh.get_state())
 
 
+@pytest.mark.slow
 def test_encoders_compile_a_bounded_number_of_times_for_varying_gated_counts():
     from torch._dynamo.utils import counters
 

@@ -13,6 +13,8 @@ import yaml
 
 from workflow_helpers import BIN, ENV, REPO, edit_yaml, planned, project_copy, snakemake
 
+pytestmark = pytest.mark.slow  # end-to-end: in the full suite (CI), not in `-m "not slow"`
+
 
 def slurm_available() -> bool:
     return shutil.which("sinfo") is not None and subprocess.run(["sinfo"], capture_output=True).returncode == 0

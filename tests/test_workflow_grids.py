@@ -19,6 +19,8 @@ from workflow_helpers import (
     snakemake,
 )
 
+pytestmark = pytest.mark.slow  # end-to-end: in the full suite (CI), not in `-m "not slow"`
+
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):

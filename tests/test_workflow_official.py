@@ -8,6 +8,8 @@ import yaml
 
 from workflow_helpers import (BIN, ENV, mlflow_client, project_copy, runs_by_name)
 
+pytestmark = pytest.mark.slow  # end-to-end: in the full suite (CI), not in `-m "not slow"`
+
 
 def test_official_config_imports_samples_and_scores_against_the_reference_batch(tmp_path):
     """config/official.yaml end to end, on tiny random stand-ins for the releases and the ADM reference batch."""
