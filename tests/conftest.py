@@ -19,6 +19,13 @@ LONGEST_FILES_FIRST = [
 ]
 
 
+def pytest_configure(config):
+    # xdist otherwise re-sorts the files by their number of tests, which deals the one-test end-to-end files
+    # (the grid run, `dvc repro`) last: one of them then runs alone at the end
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # a stable sort: tests keep their file order
