@@ -1,10 +1,9 @@
 """Shared setup for job tests: a small demo shard set and a fast config (random small encoders)."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
+from forked_cli import run_pixelgen
 
 from pixelgen.demo_data import write_demo_dataset
 from pixelgen.shards import ShardSettings, build_shards
@@ -32,4 +31,5 @@ def fast_config(path: Path, shards: Path, tracking_uri: str, **sections) -> Path
 
 
 def pixelgen(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "pixelgen.cli", *args], capture_output=True, text=True, **kwargs)
+    """`pixelgen ARGS` as its own process (forked from a preloaded one: see forked_cli.py)."""
+    return run_pixelgen(*args, **kwargs)

@@ -1,7 +1,7 @@
 import subprocess
-import sys
 
 import pytest
+from forked_cli import run_pixelgen
 
 SUBCOMMANDS = ["demo-data", "shard", "ref-stats", "train", "sample", "score", "report", "weights"]
 
@@ -9,8 +9,7 @@ SUBCOMMANDS = ["demo-data", "shard", "ref-stats", "train", "sample", "score", "r
 def run_cli(*args, env=None):
     import os
 
-    full_env = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, "-m", "pixelgen.cli", *args], capture_output=True, text=True, env=full_env)
+    return run_pixelgen(*args, env=dict(os.environ, **(env or {})))
 
 
 def test_help_lists_every_subcommand():

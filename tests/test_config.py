@@ -1,15 +1,13 @@
-import subprocess
-import sys
-
 import pytest
 import yaml
+from forked_cli import run_pixelgen
 
 from pixelgen.config import apply_overrides, base_config, flatten, load_config
 from pixelgen.errors import ConfigError
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "pixelgen.cli", *args], capture_output=True, text=True)
+    return run_pixelgen(*args)
 
 
 def test_defaults_are_the_paper_values():

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from forked_cli import run_pixelgen
 from PIL import Image
 
 from pixelgen.data import StreamLoader
@@ -26,8 +27,7 @@ from pixelgen.shards import ShardSettings, build_shards, load_rgb
 
 
 def pixelgen(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "pixelgen.cli", *args], capture_output=True, text=True,
-                          timeout=120, **kwargs)
+    return run_pixelgen(*args, timeout=120, **kwargs)
 
 
 def one_line_error(result) -> str:

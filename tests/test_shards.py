@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from forked_cli import run_pixelgen
 from PIL import Image
 
 from pixelgen.demo_data import CLASSES, write_demo_dataset
@@ -17,7 +18,7 @@ from pixelgen.shards import ShardSettings, adm_center_crop, build_shards, list_i
 
 
 def pixelgen(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "pixelgen.cli", *args], capture_output=True, text=True, **kwargs)
+    return run_pixelgen(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")

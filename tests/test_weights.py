@@ -1,15 +1,13 @@
-import subprocess
-import sys
-
 import pytest
 import torch
+from forked_cli import run_pixelgen
 
 from pixelgen import weights
 from pixelgen.errors import PixelgenError
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "pixelgen.cli", *args], capture_output=True, text=True)
+    return run_pixelgen(*args)
 
 
 def test_weights_dir_resolution(monkeypatch, tmp_path):
