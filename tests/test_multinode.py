@@ -12,7 +12,6 @@ import pytest
 import torch
 import yaml
 
-from jobs_helpers import fast_config, make_shards
 from pixelgen import launch
 from pixelgen.errors import PixelgenError
 from test_train import states_equal
@@ -112,12 +111,26 @@ def test_launch_outside_a_slurm_task_is_a_one_line_error():
     assert "--profile slurm" in result.stderr
 
 
+def srun_train(root: Path, config: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    """Two Slurm tasks standing in for two nodes, one torchrun (one gloo process) each."""
+    env = {**ENV, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(["srun", "--ntasks", "2", "--cpus-per-task", "1", "--mem", "3000", "--time", "10",
+                           "--kill-on-bad-exit=1", sys.executable, "-m", "pixelgen.launch", "--nnodes", "2", "--",
+                           "train", "--config", str(config), "--run-dir", str(run_dir), "--quiet", *extra],
+                          capture_output=True, text=True, timeout=900, env=env, cwd=root)
+
+
 @pytest.mark.slow
 @pytest.mark.slurm
 @needs_slurm
-def test_two_node_training_runs_under_the_slurm_profile_as_one_job_with_two_tasks(tmp_path):
+def test_two_node_training_runs_under_the_slurm_profile_and_resumes_bit_identically(tmp_path):
+    """The workflow's train job of one variant with train_nodes: 2 (one Slurm job, one srun step of two tasks), then
+    the same config run by hand as two tasks, stopped at step 2 and resumed: its final state equals the job's."""
     root = project_copy(tmp_path / "p")
-    config = workflow_config(root, "two-nodes", train_nodes=2)
+    grid = yaml.safe_load((root / "config/grids/demo.yaml").read_text())
+    grid["variants"] = {"pixelgen": grid["variants"]["pixelgen"]}
+    (root / "config/grids/one.yaml").write_text(yaml.safe_dump(grid))
+    config = workflow_config(root, "two-nodes", train_nodes=2, variants="config/grids/one.yaml")
     # the profile as shipped, with the two "nodes" squeezed onto this one-node cluster (the tasks stay two)
     profile = (root / "workflow/profiles/slurm/config.yaml").read_text()
     (root / "one-node").mkdir()
@@ -126,46 +139,25 @@ def test_two_node_training_runs_under_the_slurm_profile_as_one_job_with_two_task
     result = snakemake(root, "--profile", "one-node", "all", "--until", "train", "--configfile", config,
                        timeout=2400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    sacct = subprocess.run(["sacct", "-n", "-P", "-S", started, "-o", "JobID,Comment,State,NTasks"],
+    sacct = subprocess.run(["sacct", "-n", "-P", "-S", started, "-o", "JobID,Comment,State,NTasks,WorkDir"],
                            capture_output=True, text=True, check=True).stdout.strip().splitlines()
     rows = [line.split("|") for line in sacct]
-    train_ids = [job for job, comment, state, _ in rows if comment.startswith("rule_train") and state == "COMPLETED"]
-    assert len(train_ids) == 2  # one Slurm job per variant
-    for job in train_ids:
-        # the job's one srun step ran the two tasks (one torchrun each)
-        steps = {step: ntasks for step, _, _, ntasks in rows if step.startswith(f"{job}.") and step[-1].isdigit()}
-        assert list(steps.values()) == ["2"], rows
-    for final in root.glob("work/runs/ci/*/*/checkpoints/final.pt"):
-        ckpt = torch.load(final, weights_only=False)
-        assert ckpt["data"]["world_size"] == 2 and len(ckpt["rng"]) == 2 and ckpt["step"] == 4
+    (job,) = [job for job, comment, state, _, workdir in rows
+              if comment.startswith("rule_train") and state == "COMPLETED" and workdir == str(root)]
+    # the job's one srun step ran the two tasks (one torchrun each)
+    steps = {step: ntasks for step, _, _, ntasks, _ in rows if step.startswith(f"{job}.") and step[-1].isdigit()}
+    assert list(steps.values()) == ["2"], rows
+    (final,) = root.glob("work/runs/ci/*/*/checkpoints/final.pt")
+    a = torch.load(final, weights_only=False)
+    assert a["data"]["world_size"] == 2 and len(a["rng"]) == 2 and a["step"] == 4
 
-
-def srun_train(config: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    """Two Slurm tasks standing in for two nodes, one torchrun (one gloo process) each."""
-    env = {**ENV, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(["srun", "--ntasks", "2", "--cpus-per-task", "1", "--mem", "3000", "--time", "10",
-                           "--kill-on-bad-exit=1", sys.executable, "-m", "pixelgen.launch", "--nnodes", "2", "--",
-                           "train", "--config", str(config), "--run-dir", str(run_dir), "--quiet",
-                           "--set", "train.steps=4", *extra], capture_output=True, text=True, timeout=900, env=env)
-
-
-@pytest.mark.slow
-@pytest.mark.slurm
-@needs_slurm
-def test_two_node_stop_and_resume_equals_an_uninterrupted_two_process_run(tmp_path):
-    config = fast_config(tmp_path / "config.yaml", make_shards(tmp_path), f"sqlite:///{tmp_path / 'mlflow.db'}")
-    torchrun = Path(sys.executable).parent / "torchrun"
-    full = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "pixelgen.cli", "train",
-                           "--config", str(config), "--run-dir", str(tmp_path / "full"), "--quiet",
-                           "--set", "train.steps=4"], capture_output=True, text=True, timeout=900,
-                          env={**ENV, "OMP_NUM_THREADS": "1"})
-    assert full.returncode == 0, full.stderr[-3000:]
-    stopped = srun_train(config, tmp_path / "nodes", "--stop-at-step", "2")
+    run_config = final.parent.parent / "config.yaml"  # the resolved config the job trained with
+    stopped = srun_train(root, run_config, tmp_path / "nodes", "--stop-at-step", "2")
     assert stopped.returncode != 0 and (tmp_path / "nodes/checkpoints/last.pt").exists(), stopped.stderr[-3000:]
     assert not (tmp_path / "nodes/checkpoints/final.pt").exists()
-    resumed = srun_train(config, tmp_path / "nodes")
+    resumed = srun_train(root, run_config, tmp_path / "nodes")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = (torch.load(tmp_path / f"{run}/checkpoints/final.pt", weights_only=False) for run in ("full", "nodes"))
+    b = torch.load(tmp_path / "nodes/checkpoints/final.pt", weights_only=False)
     assert b["step"] == 4 and b["data"]["world_size"] == 2
     for key in ("model", "optimizer", "data_per_rank"):
         assert states_equal({key: a[key]}, {key: b[key]}), key
