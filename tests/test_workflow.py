@@ -88,29 +88,6 @@ def test_a_changed_sampling_setting_resamples_without_retraining(finished):
     assert planned(finished) == {"sample_reset": 2, "sample_part": 4, "sample_gather": 2, **DOWNSTREAM_OF_SAMPLES}
 
 
-def test_new_weights_under_the_same_key_are_resampled_not_refused_or_reused(finished):
-    # a retrain that lands on the same run key with other weights (new data behind the same shard folder, a
-    # non-deterministic GPU rerun): the old sample folder must neither block the parts nor be scored again
-    import torch
-
-    from pixelgen.sample_job import weights_digest
-
-    ema = next((finished / "work/runs/ci/pixelgen").glob("*/checkpoints/final_ema.pt"))
-    state = torch.load(ema, map_location="cpu", weights_only=False)
-    for tensor in state["ema"]["shadow"].values():
-        if tensor.is_floating_point():
-            tensor.add_(0.01)
-    torch.save(state, ema)
-    assert planned(finished) == {"sample_reset": 1, "sample_part": 2, "sample_gather": 1, "score": 1, "report": 1,
-                                 "all": 1}
-    result = snakemake(finished, "--cores", "2", "all", "--configfile", "config/test.yaml")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    metrics = json.loads((finished / "results/ci/metrics/pixelgen.json").read_text())
-    assert metrics["sampling"]["ckpt_digest"] == weights_digest(state)
-
-
-
-
 def test_variants_share_a_training_run_only_when_their_training_is_identical(finished):
     # a and b differ in sampling only: one run; c differs in train.steps (a setting a run may resume with, so it
     # is not in the run key): a run of its own all the same; d trains differently
@@ -147,24 +124,41 @@ def test_dag_run_produces_the_results(dag_run):
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
 
 
-def test_a_failed_training_job_resumes_instead_of_restarting(dag_run):
-    [run] = (dag_run / "work/runs/ci/pixelgen").iterdir()  # the run dir is keyed by the resolved config
-    # as if the training job had died after its last checkpoint: no final checkpoints, nothing downstream
-    (run / "checkpoints/final.pt").unlink()
-    (run / "checkpoints/final_ema.pt").unlink()
-    shutil.rmtree(dag_run / "work/samples/ci/pixelgen")
-    (dag_run / "results/ci/metrics/pixelgen.json").unlink()
-    (dag_run / "results/ci/table.md").unlink()
-    logged_steps = (run / "metrics.jsonl").read_text().count("\n")
-    result = snakemake(dag_run, "--cores", "2", "all", "--configfile", "config/test.yaml")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "rule train" in result.stdout + result.stderr  # the job did run again ...
+def test_a_failed_training_job_resumes_and_new_weights_under_the_same_key_are_resampled(finished):
+    """Two repairs in one rerun (each checked in the plan first): the pixelgen variant's training job died after
+    its last checkpoint, and the baseline retrained onto the same run key with other weights."""
     import torch
 
+    from pixelgen.sample_job import weights_digest
+
+    # a retrain that lands on the same run key with other weights (new data behind the same shard folder, a
+    # non-deterministic GPU rerun): the old sample folder must neither block the parts nor be scored again
+    ema = next((finished / "work/runs/ci/baseline").glob("*/checkpoints/final_ema.pt"))
+    state = torch.load(ema, map_location="cpu", weights_only=False)
+    for tensor in state["ema"]["shadow"].values():
+        if tensor.is_floating_point():
+            tensor.add_(0.01)
+    torch.save(state, ema)
+    assert planned(finished) == {"sample_reset": 1, "sample_part": 2, "sample_gather": 1, "score": 1, "report": 1,
+                                 "all": 1}
+
+    # as if the pixelgen variant's training job had died after its last checkpoint: no final checkpoints, nothing
+    # downstream
+    [run] = (finished / "work/runs/ci/pixelgen").iterdir()  # the run dir is keyed by the resolved config
+    (run / "checkpoints/final.pt").unlink()
+    (run / "checkpoints/final_ema.pt").unlink()
+    shutil.rmtree(finished / "work/samples/ci/pixelgen")
+    (finished / "results/ci/metrics/pixelgen.json").unlink()
+    logged_steps = (run / "metrics.jsonl").read_text().count("\n")
+    result = snakemake(finished, "--cores", "2", "all", "--configfile", "config/test.yaml")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "rule train" in result.stdout + result.stderr  # the job did run again ...
     assert torch.load(run / "checkpoints/final.pt", weights_only=False)["step"] == 4
     # ... but from last.pt (step 4): no step was trained twice
     assert (run / "metrics.jsonl").read_text().count("\n") == logged_steps
-    assert (dag_run / "results/ci/metrics/pixelgen.json").exists()
+    assert (finished / "results/ci/metrics/pixelgen.json").exists()
+    baseline = json.loads((finished / "results/ci/metrics/baseline.json").read_text())
+    assert baseline["sampling"]["ckpt_digest"] == weights_digest(state)
 
 
 def free_port() -> int:

@@ -1,9 +1,9 @@
 """The grids beyond the paper (config/grids/solvers.yaml, gate_schedule.yaml, components.yaml), end to end.
 
-One workflow run of one sub-grid cut from the shipped grids pays for every solver and for the loss weightings
-with a code path of their own in the workflow (the learned weighting: its own metrics and plot; P-DINO gated like
-LPIPS), not for every point of the shipped sweeps: those resolve in the dry runs of test_workflow_checks.py, and
-each gate schedule's weights are tested in test_gating.py."""
+One workflow run of one sub-grid cut from the shipped grids pays for every solver and for the loss weighting
+with a code path of its own in the workflow (the learned weighting: its own metrics and plot), not for every
+point of the shipped sweeps: those resolve in the dry runs of test_workflow_checks.py, each gate schedule's weights
+are tested in test_gating.py, and the other loss settings (P-DINO gated like LPIPS among them) in test_losses.py."""
 
 import json
 
@@ -59,8 +59,7 @@ def test_solvers_and_loss_weightings_train_sample_score_and_log_end_to_end(proje
     for name, variant in shipped.items():
         first.setdefault(grid_sets(variant)["sampling.sampler"], name)
     solvers = {name: shipped[name] for name in first.values()}
-    weightings = {"learned": load_grid(project / "config/grids/gate_schedule.yaml")["variants"]["learned"],
-                  "pdino_gate0.3": load_grid(project / "config/grids/components.yaml")["variants"]["pdino_gate0.3"]}
+    weightings = {"learned": load_grid(project / "config/grids/gate_schedule.yaml")["variants"]["learned"]}
     variants = solvers | weightings
     log = run_grid(project, sub_grid(project, "grids-ci", variants), "ci-grids")
     assert log.count("rule train:") == 1 + len(weightings)  # the four solvers share one training run

@@ -33,6 +33,13 @@ NULLABLE_TYPES: dict[str, type | tuple[type, ...]] = {
 }
 
 
+# Keys that may change between a run and its resumption without changing the trajectory (train refuses any
+# other change; the workflow keeps them out of a run's key). Here, not in train.py, so that reading it (the
+# workflow does, in every Snakemake process) does not import torch.
+RESUMABLE_CHANGES = ("tracking.", "train.ckpt_every", "train.log_every", "train.preview_every", "train.steps",
+                     "data.workers", "data.shards", "train.ddp_bucket_mb")
+
+
 class RepeatedKeyError(yaml.constructor.ConstructorError):
     """A mapping that sets a key twice (`problem` names the key and both lines)."""
 

@@ -30,7 +30,7 @@ import yaml
 
 from . import async_save, checkpoint, distributed
 from .checkpoint import CheckpointIO, Entry
-from .config import flatten, with_added_keys
+from .config import RESUMABLE_CHANGES, flatten, with_added_keys
 from .data import StreamLoader
 from .denoiser import build_denoiser
 from .ema import EMA
@@ -63,11 +63,6 @@ class Preempted(PixelgenError):
 
 
 STOP_CHECK_EVERY = 10  # steps between the DDP ranks' agreement on a SIGTERM (besides log and checkpoint steps)
-
-# keys that may change between a run and its resumption without changing the trajectory
-RESUMABLE_CHANGES = ("tracking.", "train.ckpt_every", "train.log_every", "train.preview_every", "train.steps",
-                     "data.workers", "data.shards", "train.ddp_bucket_mb")
-
 
 def config_differences(saved: dict, current: dict) -> list[str]:
     """The keys whose values differ, a saved config's missing newer keys read at their defaults."""

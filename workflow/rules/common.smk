@@ -5,7 +5,7 @@
 # Paths are keyed by what determines their content where a rerun could otherwise reuse stale files:
 #   shards   work/shards/<name>-<resolution>-<format>-<shard_size>/     (pixelgen shard keeps finished shards)
 #   runs     work/runs/<grid>/<variant>/<run key>/   (digest of the resolved model config, less the settings a run
-#            may change and still resume: pixelgen.train.RESUMABLE_CHANGES, tracking.*, sampling.*). Variants
+#            may change and still resume: pixelgen.config.RESUMABLE_CHANGES, tracking.*, sampling.*). Variants
 #            whose training is the same (they differ in sampling.* or tracking.* only) share one run, named by
 #            none of them: work/runs/<grid>/shared/<shared run key>/ (the run key's settings and train.steps; an
 #            imported release's name), so a sampler grid trains once and samples that model each way, and
@@ -176,7 +176,7 @@ def _resolve_variants():
     Returns {variant: (checkpoint identity, sampling settings)}, and the run keys of trained variants."""
     from pixelgen.config import flatten, load_config, section_over, without_added_defaults
     from pixelgen.errors import PixelgenError
-    from pixelgen.train import RESUMABLE_CHANGES
+    from pixelgen.config import RESUMABLE_CHANGES
 
     resolved, run_keys = {}, {}
     sampling_items = [s for s in config.get("pixelgen_overrides", []) if s.startswith("sampling.")]
@@ -226,7 +226,7 @@ def shared_run_key(name):
     their order): an imported release's name; for training, the resolved training config less the settings that
     leave the weights alone (RESUMABLE_CHANGES but train.steps): a changed log or checkpoint interval resumes the
     run, and runs that train for different lengths never meet."""
-    from pixelgen.train import RESUMABLE_CHANGES
+    from pixelgen.config import RESUMABLE_CHANGES
 
     if name in IMPORTED:
         return IMPORTED[name]
