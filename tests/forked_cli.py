@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 ZYGOTE = Path(__file__).with_name("cli_zygote.py")
@@ -39,8 +40,6 @@ def _via_fork(args, env, cwd, timeout) -> tuple[int, str, str]:
         pid = json.loads(zygote.stdout.readline())["pid"]
         timer = None
         if timeout is not None:
-            import threading
-
             timer = threading.Timer(timeout, os.kill, (pid, signal.SIGKILL))
             timer.start()
         returncode = json.loads(zygote.stdout.readline())["returncode"]

@@ -1,13 +1,9 @@
 import pytest
 import yaml
-from forked_cli import run_pixelgen
+from forked_cli import run_pixelgen as run_cli
 
 from pixelgen.config import apply_overrides, base_config, flatten, load_config
 from pixelgen.errors import ConfigError
-
-
-def run_cli(*args):
-    return run_pixelgen(*args)
 
 
 def test_defaults_are_the_paper_values():

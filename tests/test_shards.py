@@ -9,16 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from forked_cli import run_pixelgen
+from jobs_helpers import pixelgen
 from PIL import Image
 
 from pixelgen.demo_data import CLASSES, write_demo_dataset
 from pixelgen.errors import PixelgenError
 from pixelgen.shards import ShardSettings, adm_center_crop, build_shards, list_image_folder
-
-
-def pixelgen(*args, **kwargs):
-    return run_pixelgen(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,9 @@
 import pytest
 import torch
-from forked_cli import run_pixelgen
+from forked_cli import run_pixelgen as run_cli
 
 from pixelgen import weights
 from pixelgen.errors import PixelgenError
-
-
-def run_cli(*args):
-    return run_pixelgen(*args)
 
 
 def test_weights_dir_resolution(monkeypatch, tmp_path):

@@ -64,6 +64,7 @@ class Preempted(PixelgenError):
 
 STOP_CHECK_EVERY = 10  # steps between the DDP ranks' agreement on a SIGTERM (besides log and checkpoint steps)
 
+
 def config_differences(saved: dict, current: dict) -> list[str]:
     """The keys whose values differ, a saved config's missing newer keys read at their defaults."""
     a, b = with_added_keys(flatten(saved)), with_added_keys(flatten(current))

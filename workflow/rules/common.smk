@@ -174,9 +174,8 @@ def dag_overrides(run_name):
 def _resolve_variants():
     """Resolve every variant now: a typo fails the whole run before any job, naming the variant and the key.
     Returns {variant: (checkpoint identity, sampling settings)}, and the run keys of trained variants."""
-    from pixelgen.config import flatten, load_config, section_over, without_added_defaults
+    from pixelgen.config import RESUMABLE_CHANGES, flatten, load_config, section_over, without_added_defaults
     from pixelgen.errors import PixelgenError
-    from pixelgen.config import RESUMABLE_CHANGES
 
     resolved, run_keys = {}, {}
     sampling_items = [s for s in config.get("pixelgen_overrides", []) if s.startswith("sampling.")]
